@@ -1,0 +1,315 @@
+"""NATS JetStream: connection, provisioning, the outbox relay and the consumer runner.
+
+Exactly-once effects come from the database, not from NATS: producers write
+events in the same transaction as their state (outbox) and the relay publishes
+them with `Nats-Msg-Id = event_id`; consumers record `(consumer, event_id)` in
+the same transaction as their effects (inbox) and ack only after commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from otc_common import metrics
+from otc_common.db import Connection, Pool
+from otc_common.messages import (
+    AlertRaised,
+    Envelope,
+    Message,
+    UnknownMessageType,
+    decode_envelope,
+    encode_envelope,
+)
+from otc_common.subjects import STREAMS, ConsumerSpec, StreamSpec, alert
+
+log = logging.getLogger("otc.bus")
+
+Handler = Callable[[Connection, Envelope, Message], Awaitable[None]]
+
+
+class Bus:
+    """One NATS connection per process, reconnecting forever."""
+
+    def __init__(self, nc: NatsClient, source: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=5)
+        self.source = source
+
+    @classmethod
+    async def connect(cls, servers: str, source: str) -> Bus:
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected")
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error: %s", exc)
+
+        delay = 0.2
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=[s.strip() for s in servers.split(",") if s.strip()],
+                    name=source,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    drain_timeout=5,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    error_cb=on_error,
+                )
+                return cls(nc, source)
+            except (OSError, nats.errors.Error, TimeoutError) as exc:
+                log.warning("nats not reachable yet (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def provision_streams(self, streams: Sequence[StreamSpec] = STREAMS) -> None:
+        for spec in streams:
+            config = StreamConfig(
+                name=spec.name,
+                subjects=spec.subjects,
+                storage=StorageType.FILE,
+                max_age=spec.max_age_seconds,
+                duplicate_window=spec.duplicate_window_seconds,
+            )
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(config)
+
+    async def provision_consumer(self, spec: ConsumerSpec) -> None:
+        config = ConsumerConfig(
+            name=spec.durable,
+            durable_name=spec.durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=spec.ack_wait_seconds,
+            max_ack_pending=spec.max_ack_pending,
+            filter_subjects=spec.filter_subjects,
+        )
+        await self.js.add_consumer(spec.stream, config)
+
+    async def publish(self, subject: str, msg: Message, event_id: str | None = None) -> None:
+        """Direct publish, for facts with no state behind them (alerts); the rest goes via the outbox."""
+        data = encode_envelope(msg, event_id)
+        envelope = msgspec.json.decode(data, type=Envelope)
+        await self.js.publish(subject, data, headers={"Nats-Msg-Id": envelope.event_id})
+
+    async def raise_alert(self, kind: str, detail: str, **fields: Any) -> None:
+        metrics.ALERTS.labels(self.source, kind).inc()
+        log.error("alert %s: %s", kind, detail, extra=fields)
+        try:
+            await self.publish(
+                alert(self.source), AlertRaised(source=self.source, kind=kind, detail=detail, **fields)
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.error("alert could not be published: %s", exc)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def emit(conn: Connection, subject: str, msg: Message, event_id: str | None = None) -> None:
+    """Queues an event in the caller's transaction; the relay publishes it after commit."""
+    data = encode_envelope(msg, event_id)
+    envelope_id = msgspec.json.decode(data, type=Envelope).event_id
+    await conn.execute(
+        "INSERT INTO outbox(event_id, subject, data) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
+        envelope_id,
+        subject,
+        data,
+    )
+    await conn.execute("SELECT pg_notify(current_schema() || '_outbox', '')")
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows in order; woken by LISTEN/NOTIFY, with a slow safety poll."""
+
+    BATCH = 500
+    SAFETY_POLL_SECONDS = 5.0
+
+    def __init__(self, pool: Pool, bus: Bus, schema: str, database_url: str) -> None:
+        self.pool = pool
+        self.bus = bus
+        self.schema = schema
+        self.database_url = database_url
+        self.channel = f"{schema}_outbox"
+        self._wake = asyncio.Event()
+        self.last_beat = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            listener: asyncpg.Connection | None = None
+            try:
+                listener = await asyncpg.connect(self.database_url)
+                await listener.add_listener(self.channel, lambda *_: self._wake.set())
+                self._wake.set()
+                while not listener.is_closed():
+                    self.last_beat = time.monotonic()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=self.SAFETY_POLL_SECONDS)
+                    self._wake.clear()
+                    await self.drain()
+            except asyncio.CancelledError:
+                raise
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                nats.errors.Error,
+                TimeoutError,
+            ) as exc:
+                log.warning("outbox relay interrupted (%s: %s); resuming", type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
+            finally:
+                if listener is not None and not listener.is_closed():
+                    await listener.close()
+
+    async def drain(self) -> int:
+        """Publishes until the outbox is empty. One relay at a time per schema keeps the order."""
+        published = 0
+        contended = 0
+        while True:
+            async with self.pool.acquire() as conn, conn.transaction():
+                locked = await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", self.channel)
+                if not locked:
+                    # Another replica is publishing; it may have read before our row committed.
+                    contended += 1
+                    if contended > 40:
+                        return published
+                    await asyncio.sleep(0.05)
+                    continue
+                rows = await conn.fetch(
+                    "SELECT id, event_id, subject, data FROM outbox ORDER BY id LIMIT $1", self.BATCH
+                )
+                if not rows:
+                    return published
+                acks = [
+                    self.bus.js.publish(row["subject"], row["data"], headers={"Nats-Msg-Id": row["event_id"]})
+                    for row in rows
+                ]
+                await asyncio.gather(*acks)
+                await conn.execute(
+                    "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [row["id"] for row in rows]
+                )
+                published += len(rows)
+                metrics.OUTBOX_PUBLISHED.labels(self.schema).inc(len(rows))
+
+
+class TransientError(Exception):
+    """Retry later: the message is nak'ed with backoff."""
+
+
+class ConsumerRunner:
+    """A durable pull consumer whose handler runs inside the inbox transaction."""
+
+    BACKOFF_SECONDS = (0.2, 0.5, 1, 2, 5, 10, 30)
+    ALERT_AFTER_DELIVERIES = 5
+
+    def __init__(self, bus: Bus, pool: Pool, spec: ConsumerSpec, handler: Handler, batch: int = 100) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.spec = spec
+        self.handler = handler
+        self.batch = batch
+        self.last_beat = time.monotonic()
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        subscription: JetStreamContext.PullSubscription | None = None
+        while not self.stopping.is_set():
+            self.last_beat = time.monotonic()
+            try:
+                if subscription is None:
+                    subscription = await self.bus.js.pull_subscribe_bind(
+                        durable=self.spec.durable, stream=self.spec.stream
+                    )
+                messages = await subscription.fetch(batch=self.batch, timeout=1)
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                continue
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("consumer %s fetch failed (%s); retrying", self.spec.durable, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                if self.stopping.is_set():
+                    # Unacked messages come back after ack_wait to whichever replica is alive.
+                    await msg.nak()
+                    continue
+                await self.process(msg)
+
+    async def process(self, msg: Msg) -> None:
+        consumer = self.spec.durable
+        try:
+            envelope, payload = decode_envelope(msg.data)
+        except UnknownMessageType as exc:
+            log.info("skipping unknown message type %s", exc)
+            await msg.ack()
+            return
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            metrics.CONSUMER_TERMINATED.labels(consumer).inc()
+            await msg.term()
+            await self.bus.raise_alert("undecodable_message", f"{consumer} on {msg.subject}: {exc}")
+            return
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                fresh = await conn.fetchval(
+                    "INSERT INTO inbox(consumer, event_id) VALUES ($1, $2) "
+                    "ON CONFLICT DO NOTHING RETURNING true",
+                    consumer,
+                    envelope.event_id,
+                )
+                if fresh:
+                    await self.handler(conn, envelope, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Unknown failures are retried rather than dropped: losing an event loses money.
+            deliveries = msg.metadata.num_delivered if msg.metadata else 1
+            delay = self.BACKOFF_SECONDS[min(deliveries - 1, len(self.BACKOFF_SECONDS) - 1)]
+            metrics.CONSUMER_REDELIVERED.labels(consumer).inc()
+            log.warning(
+                "handler failed; retrying in %ss",
+                delay,
+                extra={
+                    "consumer": consumer,
+                    "type": envelope.type,
+                    "event_id": envelope.event_id,
+                    "error": repr(exc),
+                },
+            )
+            if deliveries == self.ALERT_AFTER_DELIVERIES:
+                await self.bus.raise_alert("handler_failing", f"{consumer} {envelope.type}: {exc!r}")
+            await msg.nak(delay=delay)
+            return
+        metrics.CONSUMER_HANDLED.labels(consumer, envelope.type).observe(time.perf_counter() - started)
+        try:
+            await msg.ack()
+        except nats.errors.Error as exc:
+            # The inbox row makes the redelivery harmless.
+            log.warning("ack failed (%s); the redelivery will be deduplicated", exc)

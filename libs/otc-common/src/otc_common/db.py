@@ -1,0 +1,108 @@
+"""PostgreSQL: one pool per service, each service in its own schema, plain-SQL migrations.
+
+Connections get `search_path = <schema>` so a service's SQL names its tables
+unqualified and cannot touch another service's tables by accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+log = logging.getLogger("otc.db")
+
+if TYPE_CHECKING:
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+else:
+    Pool = asyncpg.Pool
+    Connection = asyncpg.Connection | PoolConnectionProxy
+
+#: Tables every service has: the outbox its relay publishes, the inbox its consumers dedupe with.
+BUS_MIGRATION = (
+    "000_bus",
+    """
+    CREATE TABLE IF NOT EXISTS outbox (
+        id         bigserial PRIMARY KEY,
+        event_id   text NOT NULL UNIQUE,
+        subject    text NOT NULL,
+        data       bytea NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE IF NOT EXISTS inbox (
+        consumer    text NOT NULL,
+        event_id    text NOT NULL,
+        received_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer, event_id)
+    );
+    """,
+)
+
+
+def quote_ident(name: str) -> str:
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"unsafe SQL identifier: {name!r}")
+    return f'"{name}"'
+
+
+async def create_pool(url: str, schema: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
+    """Waits for the server (it may start after us) and returns a pool bound to `schema`."""
+    delay = 0.2
+    while True:
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                server_settings={"search_path": schema, "application_name": f"otc-{schema}"},
+                command_timeout=30,
+            )
+            assert pool is not None
+            return pool
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("database not reachable yet (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def package_migrations(package: str) -> list[tuple[str, str]]:
+    """`NNN_name.sql` files of `<package>/migrations`, in name order."""
+    folder = resources.files(package).joinpath("migrations")
+    files = sorted(
+        (entry for entry in folder.iterdir() if entry.name.endswith(".sql")), key=lambda entry: entry.name
+    )
+    return [(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8")) for entry in files]
+
+
+async def migrate(pool: Pool, schema: str, migrations: Sequence[tuple[str, str]]) -> list[str]:
+    """Applies what is missing, once, even with several replicas starting together."""
+    applied_now: list[str] = []
+    ident = quote_ident(schema)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"otc-migrate:{schema}")
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {ident}.schema_migrations "
+            "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row["name"] for row in await conn.fetch(f"SELECT name FROM {ident}.schema_migrations")}
+        await conn.execute(f"SET LOCAL search_path = {ident}")
+        for name, sql in [BUS_MIGRATION, *migrations]:
+            if name in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute(f"INSERT INTO {ident}.schema_migrations(name) VALUES ($1)", name)
+            applied_now.append(name)
+    if applied_now:
+        log.info("applied migrations", extra={"schema": schema, "migrations": applied_now})
+    return applied_now
+
+
+def record_to_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
+    return None if record is None else dict(record.items())

@@ -1,0 +1,61 @@
+"""rpc-gateway: JSON-RPC API and pages. Builds the runtime, serves HTTP, runs until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Generator
+
+import uvicorn
+
+from otc_common.runtime import Loop, Service
+from otc_common.settings import settings_or_exit
+from otc_gateway.app import create_app
+from otc_gateway.rpc import RpcHandler
+from otc_gateway.settings import GatewaySettings
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # The shared runtime owns SIGTERM/SIGINT and drains everything in order.
+        yield
+
+
+async def serve() -> None:
+    settings = settings_or_exit(GatewaySettings)
+    service = Service("rpc-gateway", settings, schema=None, health_server=False)
+    server: dict[str, _Server] = {}
+
+    async def http(loop: Loop) -> None:
+        await server["uvicorn"].serve()
+
+    service.loop("http", http, watched=False)
+
+    async def setup() -> None:
+        assert service.registry is not None
+        rpc = RpcHandler(service, service.registry, settings.public_base_url)
+        config = uvicorn.Config(
+            create_app(service, rpc),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        server["uvicorn"] = _Server(config)
+
+        def stop_http() -> None:
+            server["uvicorn"].should_exit = True
+
+        service.on_stop(stop_http)
+
+    await service.run(setup=setup)
+
+
+def main() -> None:
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

