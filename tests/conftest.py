@@ -19,7 +19,7 @@ import asyncpg
 import nats
 import pytest
 
-from tests.support import TEST_SEED_HEX, ServiceProcess, write_test_registry
+from tests.support import TEST_SEED_HEX, RpcClient, ServiceProcess, write_test_registry
 
 
 def _docker_answers() -> bool:
@@ -95,16 +95,18 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-@pytest.fixture
-async def database_url(pg_url: str) -> AsyncIterator[str]:
-    """A fresh, empty database for each test."""
+async def create_database(pg_url: str) -> str:
     name = f"t_{secrets.token_hex(6)}"
     admin = await asyncpg.connect(pg_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    yield with_database(pg_url, name)
+    return with_database(pg_url, name)
+
+
+async def drop_database(pg_url: str, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
     admin = await asyncpg.connect(pg_url)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -112,15 +114,27 @@ async def database_url(pg_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-@pytest.fixture
-async def clean_nats(nats_url: str) -> AsyncIterator[str]:
-    """JetStream with no streams left over from an earlier test."""
+async def reset_streams(nats_url: str) -> None:
+    """JetStream with no streams (and so no consumers) left over from an earlier test."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     for stream in await js.streams_info():
         if stream.config.name:
             await js.delete_stream(stream.config.name)
     await nc.close()
+
+
+@pytest.fixture
+async def database_url(pg_url: str) -> AsyncIterator[str]:
+    """A fresh, empty database for each test."""
+    url = await create_database(pg_url)
+    yield url
+    await drop_database(pg_url, url)
+
+
+@pytest.fixture
+async def clean_nats(nats_url: str) -> AsyncIterator[str]:
+    await reset_streams(nats_url)
     yield nats_url
 
 
@@ -140,18 +154,32 @@ def service_env(clean_nats: str, database_url: str, registry_file: Path) -> dict
     }
 
 
+class Stack:
+    """Engine replica(s) and a gateway as real processes over the test NATS and PostgreSQL."""
+
+    def __init__(self, env: dict[str, str], work_dir: Path, engines: int = 1) -> None:
+        self.env = env
+        self.database_url = env["OTC_DATABASE_URL"]
+        self.engines = [ServiceProcess("engine", ["-m", "otc_engine"], env, work_dir) for _ in range(engines)]
+        self.gateway = ServiceProcess(
+            "gateway", ["-m", "otc_gateway"], {**env, "OTC_PUBLIC_BASE_URL": "https://otc.example"}, work_dir
+        )
+        self.rpc = RpcClient(self.gateway.url)
+
+    async def start(self) -> None:
+        # Engines first: they create the streams the others bind to.
+        await asyncio.gather(*(engine.start() for engine in self.engines))
+        await self.gateway.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.gateway.stop(), *(engine.stop() for engine in self.engines))
+
+
 @pytest.fixture
-async def stack(service_env: dict[str, str], work_dir: Path) -> AsyncIterator[dict[str, ServiceProcess]]:
-    """Engine and gateway as real processes over the test NATS and PostgreSQL."""
-    engine = ServiceProcess("engine", ["-m", "otc_engine"], service_env, work_dir)
-    gateway = ServiceProcess(
-        "gateway",
-        ["-m", "otc_gateway"],
-        {**service_env, "OTC_PUBLIC_BASE_URL": "https://otc.example"},
-        work_dir,
-    )
-    await asyncio.gather(engine.start(), gateway.start())
+async def stack(service_env: dict[str, str], work_dir: Path) -> AsyncIterator[Stack]:
+    running = Stack(service_env, work_dir)
+    await running.start()
     try:
-        yield {"engine": engine, "gateway": gateway}
+        yield running
     finally:
-        await asyncio.gather(engine.stop(), gateway.stop())
+        await running.stop()

@@ -1,0 +1,31 @@
+# The two commands a new user needs: `make run` (install, start the dev stack with a demo deal)
+# and `make test` (install, lint, type-check, run the tests against real servers).
+SHELL := /bin/bash
+UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint typecheck pytest clean
+
+install:
+	@command -v uv >/dev/null 2>&1 || test -x "$(UV)" || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+	$(eval UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv"))
+	$(UV) sync --frozen
+	npm ci --no-audit --no-fund --loglevel=error
+
+run: install
+	$(UV) run otc dev up --demo
+
+lint:
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+
+typecheck:
+	$(UV) run mypy
+
+pytest:
+	$(UV) run pytest -q $(PYTEST_ARGS)
+
+test: install lint typecheck pytest
+
+clean:
+	rm -rf .otc .venv node_modules .pytest_cache .mypy_cache .ruff_cache
