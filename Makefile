@@ -1,14 +1,14 @@
 # The two commands a new user needs: `make run` (install, start the dev stack with a demo deal)
 # and `make test` (install, lint, type-check, run the tests against real servers).
 SHELL := /bin/bash
-UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+# uv is installed from PyPI into the machine's Python when it is missing.
+UV := python3 -m uv
 PYTEST_ARGS ?=
 
 .PHONY: install run test lint typecheck pytest clean
 
 install:
-	@command -v uv >/dev/null 2>&1 || test -x "$(UV)" || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-	$(eval UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv"))
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 	npm ci --no-audit --no-fund --loglevel=error
 
