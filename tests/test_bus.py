@@ -16,7 +16,9 @@ from otc_common.messages import AlertRaised, Envelope, Message, Party, PartyDeta
 from otc_common.subjects import ConsumerSpec
 
 EFFECTS = ("001_effects", "CREATE TABLE effects (event_id text NOT NULL, deal_id text NOT NULL)")
-SPEC = ConsumerSpec(durable="test-consumer", stream="DEALS", filter_subjects=["otc.deal.>"], ack_wait_seconds=1)
+SPEC = ConsumerSpec(
+    durable="test-consumer", stream="DEALS", filter_subjects=["otc.deal.>"], ack_wait_seconds=1
+)
 
 
 async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
@@ -72,7 +74,9 @@ async def pools(database_url: str) -> Any:
     await consumer.close()
 
 
-async def test_outbox_to_inbox_exactly_once(clean_nats: str, database_url: str, pools: tuple[Pool, Pool]) -> None:
+async def test_outbox_to_inbox_exactly_once(
+    clean_nats: str, database_url: str, pools: tuple[Pool, Pool]
+) -> None:
     producer, consumer_pool = pools
     bus = await Bus.connect(clean_nats, "test")
     await bus.provision_streams()
@@ -121,7 +125,7 @@ async def test_outbox_to_inbox_exactly_once(clean_nats: str, database_url: str, 
 
         async def handled_copy() -> bool:
             info = await bus.js.consumer_info("DEALS", SPEC.durable)
-            return info.num_ack_pending == 0 and info.num_pending == 0
+            return bool(info.num_ack_pending == 0 and info.num_pending == 0)
 
         await wait_for(handled_copy)
         await asyncio.sleep(1.5)  # past ack_wait: any unacked message would have been redelivered
@@ -167,7 +171,7 @@ async def test_undecodable_message_is_terminated_and_alerted(
 
         async def drained() -> bool:
             info = await bus.js.consumer_info("DEALS", SPEC.durable)
-            return info.num_pending == 0 and info.num_ack_pending == 0
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
         await wait_for(drained)
     finally:

@@ -141,8 +141,12 @@ class EscrowAssigned(Message, frozen=True, kw_only=True):
 
 @message("deal.party_filled")
 class PartyDetailsFilled(Message, frozen=True, kw_only=True):
+    """Carries the addresses so the signer can check destinations against the deal itself."""
+
     deal_id: str
     party: Party
+    payback_address: str = ""
+    recipient_address: str = ""
 
 
 @message("deal.stage_changed")
@@ -162,6 +166,190 @@ class EscrowUnwatch(Message, frozen=True, kw_only=True):
     deal_id: str
     chain: str
     address: str
+
+
+# --------------------------------------------------------------------------- chain watchers
+# Published by a watcher through its outbox with ids derived from the facts (stable_event_id),
+# so replicas of the same watcher publish identical events that JetStream deduplicates.
+
+
+@message("chain.deposit")
+class DepositObserved(Message, frozen=True, kw_only=True):
+    """Value arrived at a watched escrow in a mined block.
+
+    `index` is the log index of an ERC-20 Transfer, the output index of a UTXO, -1 for a
+    native EVM transaction's value, and -2 for native coin that arrived by an internal
+    transfer (found by the balance check; `txid` is then `internal:<block hash>:<address>`).
+    """
+
+    chain: str
+    address: str
+    asset: str
+    txid: str
+    index: int
+    amount: int
+    block_number: int
+    block_hash: str
+    block_time: int
+
+
+@message("chain.tip")
+class ChainTip(Message, frozen=True, kw_only=True):
+    chain: str
+    height: int
+    hash: str
+    time: int
+
+
+@message("chain.reorg")
+class ChainReorg(Message, frozen=True, kw_only=True):
+    """Blocks above `ancestor_height` were replaced; what they held is unmined until seen again."""
+
+    chain: str
+    ancestor_height: int
+    ancestor_hash: str
+    depth: int
+    removed_hashes: list[str]
+    new_tip_height: int
+    new_tip_hash: str
+
+
+@message("chain.tx_confirmation")
+class TxConfirmation(Message, frozen=True, kw_only=True):
+    """A followed transaction's standing: confirmations = 0 means it is not (or no longer) mined."""
+
+    chain: str
+    txid: str
+    confirmations: int
+    block_number: int | None = None
+    block_hash: str | None = None
+    success: bool = True
+    fee_paid: int = 0
+
+
+@message("chain.token_ignored")
+class UnregisteredTokenDeposit(Message, frozen=True, kw_only=True):
+    """A token this broker does not trade arrived at an escrow: reported, never counted."""
+
+    chain: str
+    address: str
+    contract: str
+    txid: str
+    index: int
+    amount: int
+    block_number: int
+
+
+# --------------------------------------------------------------------------- payouts
+
+
+class TransferPurpose(StrEnum):
+    SWAP_PAYOUT = "SWAP_PAYOUT"
+    COMMISSION = "COMMISSION"
+    SURPLUS = "SURPLUS"
+    REFUND = "REFUND"
+    GAS_RETURN = "GAS_RETURN"
+    LATE_RETURN = "LATE_RETURN"
+
+
+@message("queue.payout")
+class PayoutCommand(Message, frozen=True, kw_only=True):
+    """Engine → queue processor: move `amount` of `asset` out of an escrow.
+
+    With `fee_from_amount` the network fee comes out of the amount (native refunds and
+    surplus: the receiver gets amount - fee); otherwise the escrow pays the fee on top
+    (from its fee reserve, or from tank-funded gas for tokens).
+    """
+
+    transfer_id: str
+    deal_id: str
+    chain: str
+    asset: str
+    escrow_address: str
+    escrow_index: int
+    to: str
+    amount: int
+    purpose: TransferPurpose
+    fee_from_amount: bool = False
+    phase: int = 1
+
+
+@message("queue.submitted")
+class TransferSubmitted(Message, frozen=True, kw_only=True):
+    transfer_id: str
+    deal_id: str
+    chain: str
+    txid: str
+    #: Every candidate hash broadcast so far (fee bumps replace at the same nonce or inputs).
+    candidates: list[str] = []
+
+
+@message("queue.progress")
+class TransferProgress(Message, frozen=True, kw_only=True):
+    transfer_id: str
+    deal_id: str
+    chain: str
+    txid: str
+    confirmations: int
+
+
+@message("queue.confirmed")
+class TransferConfirmed(Message, frozen=True, kw_only=True):
+    """The transfer reached the chain's confirmation threshold."""
+
+    transfer_id: str
+    deal_id: str
+    chain: str
+    txid: str
+    block_number: int
+    confirmations: int
+    amount_sent: int
+    fee_paid: int
+
+
+@message("queue.failed")
+class TransferFailed(Message, frozen=True, kw_only=True):
+    transfer_id: str
+    deal_id: str
+    chain: str
+    reason: str
+    #: False when the queue refused the command (destination or amount check): never retried.
+    retryable: bool = True
+
+
+# --------------------------------------------------------------------------- tank
+
+
+@message("tank.fund_request")
+class GasFundingRequest(Message, frozen=True, kw_only=True):
+    """Engine → tank: give this escrow the native gas for `transfers` token transfers."""
+
+    request_id: str
+    deal_id: str
+    chain: str
+    escrow_address: str
+    transfers: int
+    gas_per_transfer: int
+
+
+@message("tank.funded")
+class GasFunded(Message, frozen=True, kw_only=True):
+    """The funding transaction is confirmed; `amount` wei now sit in the escrow for gas."""
+
+    request_id: str
+    deal_id: str
+    chain: str
+    escrow_address: str
+    amount: int
+    txid: str
+
+
+@message("tank.low_balance")
+class TankLowBalance(Message, frozen=True, kw_only=True):
+    chain: str
+    address: str
+    balance: int
+    threshold: int
 
 
 # --------------------------------------------------------------------------- alerts

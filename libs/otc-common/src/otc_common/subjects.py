@@ -20,6 +20,10 @@ def chain_event(chain: str, kind: str) -> str:
     return f"otc.chain.{chain}.{kind}"
 
 
+def chain_events(chain: str) -> str:
+    return f"otc.chain.{chain}.>"
+
+
 def queue_command(chain: str) -> str:
     return f"otc.queue.cmd.{chain}"
 

@@ -250,7 +250,12 @@ class Engine:
             await self._emit_deal_event(
                 conn,
                 params.deal_id,
-                PartyDetailsFilled(deal_id=params.deal_id, party=params.party),
+                PartyDetailsFilled(
+                    deal_id=params.deal_id,
+                    party=params.party,
+                    payback_address=payback,
+                    recipient_address=recipient,
+                ),
                 {"party": params.party.value},
                 now,
             )
