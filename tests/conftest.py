@@ -183,3 +183,52 @@ async def stack(service_env: dict[str, str], work_dir: Path) -> AsyncIterator[St
         yield running
     finally:
         await running.stop()
+
+
+class EvmChains:
+    """Two fresh anvil chains, ETH and POLYGON, each with the test USDT deployed and minted."""
+
+    USDT_DECIMALS = 6
+    MINTED = 1_000_000 * 10**6
+
+    def __init__(self, work_dir: Path) -> None:
+        from otc_cli import contracts
+        from otc_cli.servers import free_port, start_anvil
+
+        self.servers = {}
+        self.rpc: dict[str, str] = {}
+        self.usdt: dict[str, str] = {}
+        for chain, chain_id in (("ETH", 31337), ("POLYGON", 31338)):
+            server = start_anvil(free_port(), chain_id, work_dir / f"anvil-{chain}-{secrets.token_hex(3)}.log")
+            self.servers[chain] = server
+            self.rpc[chain] = server.url
+            deployer = contracts.anvil_account(0)
+            token = contracts.deploy_test_token(server.url, "Tether USD", "USDT", 6, deployer.key.hex())
+            contracts.mint_many(
+                server.url, token, [(contracts.anvil_address(i), self.MINTED) for i in range(10)], deployer.key.hex()
+            )
+            self.usdt[chain] = token
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture
+def evm_chains(work_dir: Path) -> Iterator[EvmChains]:
+    chains = EvmChains(work_dir)
+    yield chains
+    chains.stop()
+
+
+@pytest.fixture
+def evm_env(service_env: dict[str, str], evm_chains: EvmChains, tmp_path: Path) -> dict[str, str]:
+    """The services' environment with a registry pointing at the live anvil chains."""
+    registry = write_test_registry(
+        tmp_path / "registry.toml",
+        evm_chains.rpc["ETH"],
+        evm_chains.rpc["POLYGON"],
+        eth_usdt=evm_chains.usdt["ETH"],
+        polygon_usdt=evm_chains.usdt["POLYGON"],
+    )
+    return {**service_env, "OTC_REGISTRY_FILE": str(registry)}

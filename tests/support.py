@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from otc_common.signing_keys import account_xpub, load_seed
+from otc_common.signing_keys import account_xpub, load_seed, private_key_at
 
 # A fixed, public test seed: these keys guard nothing.
 TEST_SEED_HEX = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
@@ -35,12 +35,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+TANK_PATH = "m/44'/60'/1'/0/0"
+#: The first contract anvil account 0 deploys on a fresh chain lands here.
+FIRST_CONTRACT = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+
+
+def tank_address() -> str:
+    from eth_account import Account
+
+    return str(Account.from_key(private_key_at(load_seed(TEST_SEED_HEX), TANK_PATH)).address)
+
+
 def write_test_registry(
-    path: Path, eth_rpc: str = "http://127.0.0.1:1", polygon_rpc: str = "http://127.0.0.1:2"
+    path: Path,
+    eth_rpc: str = "http://127.0.0.1:1",
+    polygon_rpc: str = "http://127.0.0.1:2",
+    *,
+    eth_usdt: str = FIRST_CONTRACT,
+    polygon_usdt: str = FIRST_CONTRACT,
+    electrum: str = "tcp://127.0.0.1:3",
 ) -> Path:
     seed = load_seed(TEST_SEED_HEX)
     evm_xpub = account_xpub(seed, EVM_PATH)
     utxo_xpub = account_xpub(seed, UTXO_PATH)
+    tank = tank_address()
     path.write_text(
         f"""
 [chains.ETH]
@@ -49,6 +67,7 @@ chain_id = 31337
 confirmations = 2
 rpc = "{eth_rpc}"
 operator_address = "{OPERATOR_EVM}"
+tank_address = "{tank}"
 derivation_path = "{EVM_PATH}"
 account_xpub = "{evm_xpub}"
 min_timeout_seconds = 2
@@ -59,7 +78,7 @@ max_amount = "1000"
 fee_reserve = "0.001"
 [chains.ETH.assets.USDT]
 decimals = 6
-contract = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+contract = "{eth_usdt}"
 fixed_fee = "1"
 max_amount = "10000000"
 
@@ -69,6 +88,7 @@ chain_id = 31338
 confirmations = 3
 rpc = "{polygon_rpc}"
 operator_address = "{OPERATOR_EVM}"
+tank_address = "{tank}"
 derivation_path = "{EVM_PATH}"
 account_xpub = "{evm_xpub}"
 min_timeout_seconds = 2
@@ -79,14 +99,14 @@ max_amount = "100000"
 fee_reserve = "0.01"
 [chains.POLYGON.assets.USDT]
 decimals = 6
-contract = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+contract = "{polygon_usdt}"
 fixed_fee = "1"
 max_amount = "10000000"
 
 [chains.UNICITY]
 kind = "utxo"
 confirmations = 2
-electrum = "tcp://127.0.0.1:3"
+electrum = "{electrum}"
 hrp = "alpha"
 operator_address = "{ALPHA_ADDRESS}"
 derivation_path = "{UTXO_PATH}"
