@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -76,7 +77,11 @@ def pg_url(work_dir: Path) -> Iterator[str]:
     try:
         from otc_cli.servers import start_postgres
 
-        server = start_postgres(work_dir / "pg", work_dir / "pg.log")
+        # Not under pytest's tmp folder: a later pytest session resets its mode to 0700, which cuts off
+        # the server's unprivileged user from its data.
+        pg_dir = Path(tempfile.mkdtemp(prefix="otc-test-pg-"))
+        os.chmod(pg_dir, 0o755)
+        server = start_postgres(pg_dir / "data", work_dir / "pg.log")
     except Exception as exc:
         if _docker_answers():
             from testcontainers.postgres import PostgresContainer
@@ -88,6 +93,7 @@ def pg_url(work_dir: Path) -> Iterator[str]:
         return
     yield server.url
     server.stop()
+    shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 def with_database(url: str, name: str) -> str:

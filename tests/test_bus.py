@@ -16,9 +16,7 @@ from otc_common.messages import AlertRaised, Envelope, Message, Party, PartyDeta
 from otc_common.subjects import ConsumerSpec
 
 EFFECTS = ("001_effects", "CREATE TABLE effects (event_id text NOT NULL, deal_id text NOT NULL)")
-SPEC = ConsumerSpec(
-    durable="test-consumer", stream="DEALS", filter_subjects=["otc.deal.>"], ack_wait_seconds=1
-)
+SPEC = ConsumerSpec(durable="test-consumer", stream="DEALS", filter_subjects=["otc.deal.>"], ack_wait_seconds=1)
 
 
 async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
@@ -74,9 +72,7 @@ async def pools(database_url: str) -> Any:
     await consumer.close()
 
 
-async def test_outbox_to_inbox_exactly_once(
-    clean_nats: str, database_url: str, pools: tuple[Pool, Pool]
-) -> None:
+async def test_outbox_to_inbox_exactly_once(clean_nats: str, database_url: str, pools: tuple[Pool, Pool]) -> None:
     producer, consumer_pool = pools
     bus = await Bus.connect(clean_nats, "test")
     await bus.provision_streams()
@@ -147,9 +143,7 @@ async def test_outbox_to_inbox_exactly_once(
     await bus.close()
 
 
-async def test_undecodable_message_is_terminated_and_alerted(
-    clean_nats: str, pools: tuple[Pool, Pool]
-) -> None:
+async def test_undecodable_message_is_terminated_and_alerted(clean_nats: str, pools: tuple[Pool, Pool]) -> None:
     _, consumer_pool = pools
     bus = await Bus.connect(clean_nats, "test")
     await bus.provision_streams()

@@ -12,7 +12,11 @@ import pytest
 from otc_common.registry import parse_registry
 from otc_common.settings import BaseSettings, ConfigError, load_settings
 
-GOOD = {"OTC_DATABASE_URL": "postgresql://x@h/db", "OTC_NATS_URL": "nats://h:4222", "OTC_REGISTRY_FILE": "r.toml"}
+GOOD = {
+    "OTC_DATABASE_URL": "postgresql://x@h/db",
+    "OTC_NATS_URL": "nats://h:4222",
+    "OTC_REGISTRY_FILE": "r.toml",
+}
 
 
 def test_settings_typed_from_env() -> None:
@@ -41,7 +45,9 @@ def test_service_refuses_to_start_with_one_line(tmp_path: Path) -> None:
     env.update({"OTC_NATS_URL": "nats://127.0.0.1:1", "OTC_REGISTRY_FILE": str(tmp_path / "r.toml")})
     proc = subprocess.run([sys.executable, "-m", "otc_engine"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["config error: OTC_DATABASE_URL is required: PostgreSQL URL (postgresql://user:pass@host:port/db)"]
+    assert proc.stderr.strip().splitlines() == [
+        "config error: OTC_DATABASE_URL is required: PostgreSQL URL (postgresql://user:pass@host:port/db)"
+    ]
 
 
 def registry_text(tmp_path: Path) -> str:
@@ -53,7 +59,11 @@ def registry_text(tmp_path: Path) -> str:
 def test_registry_env_overrides(tmp_path: Path) -> None:
     registry = parse_registry(
         registry_text(tmp_path),
-        {"OTC_CHAIN_ETH_CONFIRMATIONS": "12", "OTC_CHAIN_ETH_RPC": "http://node:8545", "OTC_ASSET_ETH_USDT_COMMISSION_BPS": "50"},
+        {
+            "OTC_CHAIN_ETH_CONFIRMATIONS": "12",
+            "OTC_CHAIN_ETH_RPC": "http://node:8545",
+            "OTC_ASSET_ETH_USDT_COMMISSION_BPS": "50",
+        },
     )
     eth = registry.chain("ETH")
     assert eth.confirmations == 12 and eth.rpc == "http://node:8545"

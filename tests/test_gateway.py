@@ -108,7 +108,11 @@ async def test_create_fill_status_cancel(gw: Stack) -> None:
     instructions = private["instructions"]["alice"]
     # 1.5 ETH + 30 bps commission (0.0045) + the escrow's fee reserve (0.001)
     assert instructions["amount"] == "1.5055"
-    assert instructions["breakdown"] == {"tradeAmount": "1.5", "commission": "0.0045", "networkFeeReserve": "0.001"}
+    assert instructions["breakdown"] == {
+        "tradeAmount": "1.5",
+        "commission": "0.0045",
+        "networkFeeReserve": "0.001",
+    }
     assert instructions["to"].startswith("0x")
 
     cancelled = await gw.rpc.result("otc.cancelDeal", {"dealId": deal["dealId"], "token": deal["bobToken"]})
@@ -129,7 +133,13 @@ async def test_token_commission_and_erc20_form(gw: Stack) -> None:
     ):
         await gw.rpc.result(
             "otc.fillPartyDetails",
-            {"dealId": deal["dealId"], "party": party, "token": token, "paybackAddress": payback, "recipientAddress": recipient},
+            {
+                "dealId": deal["dealId"],
+                "party": party,
+                "token": token,
+                "paybackAddress": payback,
+                "recipientAddress": recipient,
+            },
         )
     status = await gw.rpc.result("otc.status", {"dealId": deal["dealId"]})
     assert status["stage"] == "COLLECTION" and status["expiresAt"] is not None
@@ -140,7 +150,13 @@ async def test_token_commission_and_erc20_form(gw: Stack) -> None:
     bob = status["instructions"]["bob"]
     assert bob["to"].startswith("alpha1q")
     assert bob["amount"] == "12.5376"  # 12.5 + 0.0375 commission + 0.0001 fee reserve
-    await expect_error(gw, "otc.cancelDeal", {"dealId": deal["dealId"], "token": deal["aliceToken"]}, ErrorCode.WRONG_STAGE, "COLLECTION")
+    await expect_error(
+        gw,
+        "otc.cancelDeal",
+        {"dealId": deal["dealId"], "token": deal["aliceToken"]},
+        ErrorCode.WRONG_STAGE,
+        "COLLECTION",
+    )
 
 
 async def test_registry_methods(gw: Stack) -> None:
@@ -160,26 +176,76 @@ async def test_registry_methods(gw: Stack) -> None:
 @pytest.mark.parametrize(
     ("params", "code", "words"),
     [
-        ({"bob": {"chainId": "ETH", "asset": "ETH", "amount": "1"}, "timeoutSeconds": 60}, ErrorCode.INVALID_PARAMS, ["alice"]),
-        (deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": 1.5}), ErrorCode.INVALID_PARAMS, ["params.alice.amount", "str"]),
+        (
+            {"bob": {"chainId": "ETH", "asset": "ETH", "amount": "1"}, "timeoutSeconds": 60},
+            ErrorCode.INVALID_PARAMS,
+            ["alice"],
+        ),
+        (
+            deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": 1.5}),
+            ErrorCode.INVALID_PARAMS,
+            ["params.alice.amount", "str"],
+        ),
         (deal_params(timeoutSeconds="60"), ErrorCode.INVALID_PARAMS, ["params.timeoutSeconds"]),
         (deal_params(name="x" * 101), ErrorCode.INVALID_PARAMS, ["params.name"]),
-        (deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "1" * 101}), ErrorCode.INVALID_PARAMS, ["params.alice.amount"]),
-        (deal_params(extra=1), ErrorCode.INVALID_PARAMS, ["extra"]),
-        (deal_params(alice={"chainId": "DOGE", "asset": "DOGE", "amount": "1"}), ErrorCode.UNKNOWN_CHAIN, ["alice.chainId", "DOGE"]),
-        (deal_params(alice={"chainId": "ETH", "asset": "WBTC", "amount": "1"}), ErrorCode.UNKNOWN_ASSET, ["alice.asset", "WBTC"]),
         (
-            deal_params(alice={"chainId": "ETH", "asset": "ERC20:0x000000000000000000000000000000000000dEaD", "amount": "1"}),
+            deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "1" * 101}),
+            ErrorCode.INVALID_PARAMS,
+            ["params.alice.amount"],
+        ),
+        (deal_params(extra=1), ErrorCode.INVALID_PARAMS, ["extra"]),
+        (
+            deal_params(alice={"chainId": "DOGE", "asset": "DOGE", "amount": "1"}),
+            ErrorCode.UNKNOWN_CHAIN,
+            ["alice.chainId", "DOGE"],
+        ),
+        (
+            deal_params(alice={"chainId": "ETH", "asset": "WBTC", "amount": "1"}),
+            ErrorCode.UNKNOWN_ASSET,
+            ["alice.asset", "WBTC"],
+        ),
+        (
+            deal_params(
+                alice={
+                    "chainId": "ETH",
+                    "asset": "ERC20:0x000000000000000000000000000000000000dEaD",
+                    "amount": "1",
+                }
+            ),
             ErrorCode.UNKNOWN_ASSET,
             ["alice.asset"],
         ),
-        (deal_params(bob={"chainId": "POLYGON", "asset": "USDT", "amount": "1.0000001"}), ErrorCode.INVALID_AMOUNT, ["bob.amount", "6"]),
-        (deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "-1"}), ErrorCode.INVALID_AMOUNT, ["alice.amount"]),
-        (deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "1e3"}), ErrorCode.INVALID_AMOUNT, ["alice.amount"]),
-        (deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "0"}), ErrorCode.INVALID_AMOUNT, ["alice.amount"]),
-        (deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "1000.1"}), ErrorCode.INVALID_AMOUNT, ["alice.amount"]),
+        (
+            deal_params(bob={"chainId": "POLYGON", "asset": "USDT", "amount": "1.0000001"}),
+            ErrorCode.INVALID_AMOUNT,
+            ["bob.amount", "6"],
+        ),
+        (
+            deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "-1"}),
+            ErrorCode.INVALID_AMOUNT,
+            ["alice.amount"],
+        ),
+        (
+            deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "1e3"}),
+            ErrorCode.INVALID_AMOUNT,
+            ["alice.amount"],
+        ),
+        (
+            deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "0"}),
+            ErrorCode.INVALID_AMOUNT,
+            ["alice.amount"],
+        ),
+        (
+            deal_params(alice={"chainId": "ETH", "asset": "ETH", "amount": "1000.1"}),
+            ErrorCode.INVALID_AMOUNT,
+            ["alice.amount"],
+        ),
         (deal_params(timeoutSeconds=1), ErrorCode.INVALID_TIMEOUT, ["timeoutSeconds"]),
-        (deal_params(bob={"chainId": "ETH", "asset": "ETH", "amount": "2"}), ErrorCode.UNKNOWN_ASSET, ["same asset"]),
+        (
+            deal_params(bob={"chainId": "ETH", "asset": "ETH", "amount": "2"}),
+            ErrorCode.UNKNOWN_ASSET,
+            ["same asset"],
+        ),
     ],
 )
 async def test_create_deal_rejects(gw: Stack, params: Any, code: int, words: list[str]) -> None:
@@ -201,7 +267,11 @@ async def test_fill_party_details_rejects(gw: Stack) -> None:
     bad_checksum = ALICE_EVM[:-1] + ("7" if ALICE_EVM[-1] != "7" else "8")
     cases: list[tuple[dict[str, Any], int, list[str]]] = [
         ({**base, "paybackAddress": bad_checksum}, ErrorCode.INVALID_ADDRESS, ["paybackAddress"]),
-        ({**base, "paybackAddress": ALICE_EVM.lower()}, ErrorCode.INVALID_ADDRESS, ["paybackAddress", "checksum"]),
+        (
+            {**base, "paybackAddress": ALICE_EVM.lower()},
+            ErrorCode.INVALID_ADDRESS,
+            ["paybackAddress", "checksum"],
+        ),
         ({**base, "paybackAddress": ALPHA_ADDRESS}, ErrorCode.INVALID_ADDRESS, ["paybackAddress", "ETH"]),
         ({**base, "recipientAddress": BOB_EVM}, ErrorCode.INVALID_ADDRESS, ["recipientAddress", "UNICITY"]),
         (
@@ -222,7 +292,13 @@ async def test_fill_party_details_rejects(gw: Stack) -> None:
     await gw.rpc.result("otc.fillPartyDetails", base)
     await expect_error(gw, "otc.fillPartyDetails", base, ErrorCode.DETAILS_ALREADY_FILLED, "already")
     await gw.rpc.result("otc.cancelDeal", {"dealId": deal["dealId"], "token": deal["bobToken"]})
-    bob = {**base, "party": "BOB", "token": deal["bobToken"], "paybackAddress": ALPHA_ADDRESS, "recipientAddress": BOB_EVM}
+    bob = {
+        **base,
+        "party": "BOB",
+        "token": deal["bobToken"],
+        "paybackAddress": ALPHA_ADDRESS,
+        "recipientAddress": BOB_EVM,
+    }
     await expect_error(gw, "otc.fillPartyDetails", bob, ErrorCode.WRONG_STAGE, "CLOSED")
 
 
@@ -255,7 +331,9 @@ async def test_json_rpc_protocol_errors(gw: Stack) -> None:
     assert too_many["error"]["code"] == ErrorCode.INVALID_REQUEST
     notification = await gw.rpc.raw({"jsonrpc": "2.0", "method": "otc.listAssets"})
     assert notification.status_code == 204
-    huge = await gw.rpc.raw(b'{"jsonrpc":"2.0","id":1,"method":"otc.status","params":{"dealId":"' + b"a" * 70_000 + b'"}}')
+    huge = await gw.rpc.raw(
+        b'{"jsonrpc":"2.0","id":1,"method":"otc.status","params":{"dealId":"' + b"a" * 70_000 + b'"}}'
+    )
     assert huge.status_code == 413 and huge.json()["error"]["code"] == ErrorCode.INVALID_REQUEST
 
 
@@ -283,7 +361,9 @@ async def test_engine_down_is_temporarily_unavailable(gw: Stack) -> None:
     engine = gw.engines[0]
     await engine.stop()
     try:
-        error = await expect_error(gw, "otc.createDeal", deal_params(), ErrorCode.TEMPORARILY_UNAVAILABLE, "temporarily unavailable")
+        error = await expect_error(
+            gw, "otc.createDeal", deal_params(), ErrorCode.TEMPORARILY_UNAVAILABLE, "temporarily unavailable"
+        )
         assert "Traceback" not in error["message"]
         # Registry methods need no engine.
         assert await gw.rpc.result("otc.listAssets", {})

@@ -80,25 +80,13 @@ def signing_import_lines(source: str, module: str, is_package: bool = False) -> 
                 hits.append(node.lineno)
         elif isinstance(node, ast.Attribute):
             # `import otc_common` followed by `otc_common.signing_keys.…` works once anyone imported it.
-            if (
-                node.attr == "signing_keys"
-                and isinstance(node.value, ast.Name)
-                and node.value.id == "otc_common"
-            ):
+            if node.attr == "signing_keys" and isinstance(node.value, ast.Name) and node.value.id == "otc_common":
                 hits.append(node.lineno)
         elif isinstance(node, ast.Call):
             func = node.func
-            name = (
-                func.attr
-                if isinstance(func, ast.Attribute)
-                else func.id
-                if isinstance(func, ast.Name)
-                else ""
-            )
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
             if name in _DYNAMIC_IMPORTERS and any(
-                isinstance(arg, ast.Constant)
-                and isinstance(arg.value, str)
-                and arg.value.endswith("signing_keys")
+                isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.endswith("signing_keys")
                 for arg in node.args
             ):
                 hits.append(node.lineno)
@@ -249,9 +237,5 @@ def test_signing_keys_never_logs_or_prints() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"logging", "structlog", "loguru", "warnings", "traceback"}
-    calls = {
-        node.func.id
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-    }
+    calls = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert "print" not in calls

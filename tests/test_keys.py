@@ -90,9 +90,7 @@ def test_bip32_vector_1_via_signing_keys(bip32_seed: Seed, path: str) -> None:
         ("m/0'", "", "m/0'"),
     ],
 )
-def test_bip32_vector_1_non_hardened_steps_via_public_derivation(
-    parent: str, relative: str, child: str
-) -> None:
+def test_bip32_vector_1_non_hardened_steps_via_public_derivation(parent: str, relative: str, child: str) -> None:
     assert derive_extended_public_key(_xpub(parent), relative) == _xpub(child)
 
 
@@ -110,9 +108,7 @@ def test_bip32_vector_1_via_keyring(bip32_seed: Seed) -> None:
 
 
 def test_bip32_vector_1_escrow_private_key(bip32_seed: Seed) -> None:
-    published = bytes(
-        Bip32Secp256k1.FromExtendedKey(BIP32_VECTOR_1["m/0'/1"][1]).PrivateKey().Raw().ToBytes()
-    )
+    published = bytes(Bip32Secp256k1.FromExtendedKey(BIP32_VECTOR_1["m/0'/1"][1]).PrivateKey().Raw().ToBytes())
     assert escrow_private_key(bip32_seed, "m/0'/{index}", 1) == published
 
 
@@ -121,12 +117,10 @@ def test_bip32_vector_1_escrow_private_key(bip32_seed: Seed) -> None:
 ABANDON_ABOUT = " ".join(["abandon"] * 11 + ["about"])
 BIP84_TEMPLATE = "m/84'/0'/0'/0/{index}"
 BIP84_ACCOUNT_ZPRV = (
-    "zprvAdG4iTXWBoARxkkzNpNh8r6Qag3irQB8PzEMkAFeTRXxHpbF9z4Q"
-    "gEvBRmfvqWvGp42t42nvgGpNgYSJA9iefm1yYNZKEm7z6qUWCroSQnE"
+    "zprvAdG4iTXWBoARxkkzNpNh8r6Qag3irQB8PzEMkAFeTRXxHpbF9z4QgEvBRmfvqWvGp42t42nvgGpNgYSJA9iefm1yYNZKEm7z6qUWCroSQnE"
 )
 BIP84_ACCOUNT_ZPUB = (
-    "zpub6rFR7y4Q2AijBEqTUquhVz398htDFrtymD9xYYfG1m4wAcvPhXNf"
-    "E3EfH1r1ADqtfSdVCToUG868RvUUkgDKf31mGDtKsAYz2oz2AGutZYs"
+    "zpub6rFR7y4Q2AijBEqTUquhVz398htDFrtymD9xYYfG1m4wAcvPhXNfE3EfH1r1ADqtfSdVCToUG868RvUUkgDKf31mGDtKsAYz2oz2AGutZYs"
 )
 BIP84_RECEIVE = [
     (

@@ -104,9 +104,7 @@ def test_too_many_decimal_places(text: str, decimals: int, message: str) -> None
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize(
-    ("text", "decimals"), [("1.0000000", 6), ("1.0", 0), ("5.000000000000000000000", 18)]
-)
+@pytest.mark.parametrize(("text", "decimals"), [("1.0000000", 6), ("1.0", 0), ("5.000000000000000000000", 18)])
 def test_trailing_zeros_beyond_decimals_are_rejected_and_said_so(text: str, decimals: int) -> None:
     with pytest.raises(AmountError) as info:
         parse_amount(text, decimals, symbol="USDT")

@@ -102,5 +102,10 @@ def test_safeguard_1_never_revert_both_locked(alice_locked: int, bob_locked: int
 )
 def test_safeguard_7_deadline_counts_only_in_collection(stage: Stage, late: int) -> None:
     full = side(Party.ALICE, funded=103, has_deposits=True)
-    state = deal(stage, expires_at=NOW - timedelta(seconds=late), alice=full, bob=msgspec.structs.replace(full, party=Party.BOB))
+    state = deal(
+        stage,
+        expires_at=NOW - timedelta(seconds=late),
+        alice=full,
+        bob=msgspec.structs.replace(full, party=Party.BOB),
+    )
     assert all(t.stage is not Stage.REVERTED for t in rules.evaluate(state, NOW))

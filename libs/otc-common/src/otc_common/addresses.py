@@ -113,16 +113,12 @@ def _decode_segwit(text: str, hrp: str) -> tuple[int, bytes]:
         raise AddressError(f"address must start with {hrp}1")
     got = lowered[:separator]
     if got != hrp:
-        raise AddressError(
-            f"address is for another network: expected an address starting with {hrp}1, got {got}1"
-        )
+        raise AddressError(f"address is for another network: expected an address starting with {hrp}1, got {got}1")
     data_part = lowered[separator + 1 :]
     bad = sorted({ch for ch in data_part if ch not in Bech32BaseConst.CHARSET})
     if bad:
         shown = ", ".join(repr(ch) for ch in bad)
-        raise AddressError(
-            f"address contains {shown}, which never appear{'s' if len(bad) == 1 else ''} after {hrp}1"
-        )
+        raise AddressError(f"address contains {shown}, which never appear{'s' if len(bad) == 1 else ''} after {hrp}1")
     if len(data_part) < 1 + _CHECKSUM_LEN:
         raise AddressError("address is too short")
     values = [Bech32BaseConst.CHARSET.index(ch) for ch in data_part]
@@ -132,9 +128,7 @@ def _decode_segwit(text: str, hrp: str) -> tuple[int, bytes]:
     if not Bech32Utils.VerifyChecksum(hrp, values, encoding):
         other = Bech32Encodings.BECH32M if version == 0 else Bech32Encodings.BECH32
         if Bech32Utils.VerifyChecksum(hrp, values, other):
-            raise AddressError(
-                f"address has the wrong checksum kind for witness version {version} (bech32 vs bech32m)"
-            )
+            raise AddressError(f"address has the wrong checksum kind for witness version {version} (bech32 vs bech32m)")
         raise AddressError("address checksum does not match; check it for a typo")
     converted = Bech32BaseUtils.ConvertBits(values[1:-_CHECKSUM_LEN], 5, 8, False)
     if converted is None:

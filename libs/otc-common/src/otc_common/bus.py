@@ -120,9 +120,7 @@ class Bus:
         metrics.ALERTS.labels(self.source, kind).inc()
         log.error("alert %s: %s", kind, detail, extra=fields)
         try:
-            await self.publish(
-                alert(self.source), AlertRaised(source=self.source, kind=kind, detail=detail, **fields)
-            )
+            await self.publish(alert(self.source), AlertRaised(source=self.source, kind=kind, detail=detail, **fields))
         except (nats.errors.Error, TimeoutError) as exc:
             log.error("alert could not be published: %s", exc)
 
@@ -211,9 +209,7 @@ class OutboxRelay:
                     for row in rows
                 ]
                 await asyncio.gather(*acks)
-                await conn.execute(
-                    "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [row["id"] for row in rows]
-                )
+                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [row["id"] for row in rows])
                 published += len(rows)
                 metrics.OUTBOX_PUBLISHED.labels(self.schema).inc(len(rows))
 
@@ -279,8 +275,7 @@ class ConsumerRunner:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 fresh = await conn.fetchval(
-                    "INSERT INTO inbox(consumer, event_id) VALUES ($1, $2) "
-                    "ON CONFLICT DO NOTHING RETURNING true",
+                    "INSERT INTO inbox(consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
                     consumer,
                     envelope.event_id,
                 )

@@ -74,9 +74,7 @@ async def create_pool(url: str, schema: str, *, min_size: int = 1, max_size: int
 def package_migrations(package: str) -> list[tuple[str, str]]:
     """`NNN_name.sql` files of `<package>/migrations`, in name order."""
     folder = resources.files(package).joinpath("migrations")
-    files = sorted(
-        (entry for entry in folder.iterdir() if entry.name.endswith(".sql")), key=lambda entry: entry.name
-    )
+    files = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".sql")), key=lambda entry: entry.name)
     return [(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8")) for entry in files]
 
 

@@ -168,9 +168,7 @@ def _public_node(extended_public_key: str) -> Any:
             "treat that private key as exposed"
         )
     if version not in _PUBLIC_VERSIONS:
-        raise ValueError(
-            "extended public key has an unknown version (expected xpub, ypub, zpub, tpub, upub or vpub)"
-        )
+        raise ValueError("extended public key has an unknown version (expected xpub, ypub, zpub, tpub, upub or vpub)")
     try:
         node = Bip32Secp256k1.FromExtendedKey(
             extended_public_key, Bip32KeyNetVersions(version, _PUBLIC_VERSIONS[version])

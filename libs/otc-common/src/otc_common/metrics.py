@@ -12,11 +12,7 @@ CONSUMER_HANDLED = Histogram(
     ["consumer", "type"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-CONSUMER_REDELIVERED = Counter(
-    "otc_consumer_redeliveries_total", "Messages nak'ed for redelivery", ["consumer"]
-)
-CONSUMER_TERMINATED = Counter(
-    "otc_consumer_terminated_total", "Undecodable messages terminated", ["consumer"]
-)
+CONSUMER_REDELIVERED = Counter("otc_consumer_redeliveries_total", "Messages nak'ed for redelivery", ["consumer"])
+CONSUMER_TERMINATED = Counter("otc_consumer_terminated_total", "Undecodable messages terminated", ["consumer"])
 CONSUMER_LAG = Gauge("otc_consumer_pending_messages", "Messages pending for a durable consumer", ["consumer"])
 RPC_ERRORS = Counter("otc_chain_rpc_errors_total", "Chain RPC errors", ["chain"])

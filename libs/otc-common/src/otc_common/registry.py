@@ -259,9 +259,7 @@ def parse_registry(text: str, environ: Mapping[str, str] | None = None) -> Regis
         raise ConfigError(f"registry file: {exc}") from None
     if not spec.chains:
         raise ConfigError("registry file names no chains")
-    return Registry(
-        chains={chain_id: _build_chain(chain_id, chain) for chain_id, chain in spec.chains.items()}
-    )
+    return Registry(chains={chain_id: _build_chain(chain_id, chain) for chain_id, chain in spec.chains.items()})
 
 
 def load_registry(path: str, environ: Mapping[str, str] | None = None) -> Registry:

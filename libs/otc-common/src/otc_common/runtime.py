@@ -80,9 +80,7 @@ class Service:
     def consume(self, spec: ConsumerSpec, handler: Handler) -> None:
         self._consumer_specs.append((spec, handler))
 
-    def loop(
-        self, name: str, factory: Callable[[Loop], Coroutine[Any, Any, None]], *, watched: bool = True
-    ) -> None:
+    def loop(self, name: str, factory: Callable[[Loop], Coroutine[Any, Any, None]], *, watched: bool = True) -> None:
         """A background task; a watched one must call `loop.beat()` or liveness fails."""
         self._loops.append(Loop(name, factory, watched=watched))
 
@@ -167,13 +165,9 @@ class Service:
         except ConfigError as exc:
             config_exit(str(exc))
         if self.health_server:
-            self._http = await asyncio.start_server(
-                self._serve_http, self.settings.http_host, self.settings.http_port
-            )
+            self._http = await asyncio.start_server(self._serve_http, self.settings.http_host, self.settings.http_port)
         if self.schema is not None:
-            self.pool = await create_pool(
-                self.settings.database_url, self.schema, max_size=self.settings.db_pool_size
-            )
+            self.pool = await create_pool(self.settings.database_url, self.schema, max_size=self.settings.db_pool_size)
             migrations = package_migrations(self.migrations_package) if self.migrations_package else []
             await migrate(self.pool, self.schema, [*migrations, *self.extra_migrations])
         self.bus = await Bus.connect(self.settings.nats_url, self.name)

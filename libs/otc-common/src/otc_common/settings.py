@@ -22,15 +22,11 @@ class ConfigError(Exception):
 
 
 class BaseSettings(msgspec.Struct, frozen=True, kw_only=True):
-    database_url: Annotated[
-        str, msgspec.Meta(description="PostgreSQL URL (postgresql://user:pass@host:port/db)")
-    ]
+    database_url: Annotated[str, msgspec.Meta(description="PostgreSQL URL (postgresql://user:pass@host:port/db)")]
     nats_url: Annotated[str, msgspec.Meta(description="NATS URL(s), comma-separated (nats://host:4222)")]
     registry_file: Annotated[str, msgspec.Meta(description="path of the chain and asset registry TOML file")]
     http_host: Annotated[str, msgspec.Meta(description="address the health/metrics server binds")] = "0.0.0.0"  # noqa: S104
-    http_port: Annotated[
-        int, msgspec.Meta(ge=0, le=65535, description="port of /healthz, /readyz, /metrics")
-    ] = 8081
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535, description="port of /healthz, /readyz, /metrics")] = 8081
     log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
     db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
     drain_seconds: Annotated[int, msgspec.Meta(ge=0, le=600, description="grace period on SIGTERM")] = 20

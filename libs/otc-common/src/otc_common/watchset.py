@@ -26,9 +26,7 @@ MIGRATION = (
 
 
 def consumer_spec(kind: str, chain: str) -> ConsumerSpec:
-    return ConsumerSpec(
-        durable=f"watcher-{kind}-{chain}-deals", stream="DEALS", filter_subjects=[subjects.ALL_DEALS]
-    )
+    return ConsumerSpec(durable=f"watcher-{kind}-{chain}-deals", stream="DEALS", filter_subjects=[subjects.ALL_DEALS])
 
 
 def schema_name(kind: str, chain: str) -> str:

@@ -28,9 +28,7 @@ async def serve() -> None:
         engine = Engine(service.db, service.registry)
         holder["engine"] = engine
         api = EngineApi(engine)
-        await service.nats.nc.subscribe(
-            subjects.ENGINE_RPC, queue=subjects.ENGINE_RPC_QUEUE_GROUP, cb=api.on_request
-        )
+        await service.nats.nc.subscribe(subjects.ENGINE_RPC, queue=subjects.ENGINE_RPC_QUEUE_GROUP, cb=api.on_request)
 
     await service.run(setup=setup)
 

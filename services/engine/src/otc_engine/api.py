@@ -73,15 +73,11 @@ class EngineApi:
         try:
             request = _request_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return EngineReply(
-                error=RpcErrorBody(ErrorCode.INVALID_REQUEST, f"malformed engine request: {exc}")
-            )
+            return EngineReply(error=RpcErrorBody(ErrorCode.INVALID_REQUEST, f"malformed engine request: {exc}"))
         method = self.methods.get(request.method)
         params_type = RPC_PARAMS.get(request.method)
         if method is None or params_type is None:
-            return EngineReply(
-                error=RpcErrorBody(ErrorCode.METHOD_NOT_FOUND, f"method not found: {request.method}")
-            )
+            return EngineReply(error=RpcErrorBody(ErrorCode.METHOD_NOT_FOUND, f"method not found: {request.method}"))
         try:
             params = msgspec.json.decode(request.params, type=params_type)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -92,6 +88,4 @@ class EngineApi:
             return EngineReply(error=RpcErrorBody(exc.code, exc.message, exc.data))
         except Exception:
             log.exception("engine method failed", extra={"method": request.method})
-            return EngineReply(
-                error=RpcErrorBody(ErrorCode.INTERNAL_ERROR, "internal error; nothing was changed")
-            )
+            return EngineReply(error=RpcErrorBody(ErrorCode.INTERNAL_ERROR, "internal error; nothing was changed"))

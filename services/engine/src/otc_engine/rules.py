@@ -95,9 +95,7 @@ def _next(deal: DealState, now: datetime) -> Transition | None:
         assert deal.expires_at is not None
         if all(side.is_funded for side in deal.sides):
             left = max(0, int((deal.expires_at - now).total_seconds() * 1000))
-            return Transition(
-                previous=stage, stage=Stage.WAITING, reason="both sides funded", remaining_ms=left
-            )
+            return Transition(previous=stage, stage=Stage.WAITING, reason="both sides funded", remaining_ms=left)
         # Safeguard 1: a deal whose two sides are both locked is never reverted.
         if now >= deal.expires_at and not both_locked:
             return Transition(previous=stage, stage=Stage.REVERTED, reason="the deadline passed")

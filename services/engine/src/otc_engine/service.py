@@ -53,8 +53,7 @@ class Engine:
         self.pool = pool
         self.registry = registry
         self.keyrings = {
-            chain.id: EscrowKeyring(chain.account_xpub, chain.derivation_path)
-            for chain in registry.chains.values()
+            chain.id: EscrowKeyring(chain.account_xpub, chain.derivation_path) for chain in registry.chains.values()
         }
 
     # ----------------------------------------------------------------- helpers
@@ -63,9 +62,7 @@ class Engine:
         chain = self.registry.chains.get(chain_id)
         if chain is None:
             known = ", ".join(sorted(self.registry.chains))
-            raise AppError(
-                ErrorCode.UNKNOWN_CHAIN, f"{field}: unknown chain {chain_id!r}; known chains: {known}"
-            )
+            raise AppError(ErrorCode.UNKNOWN_CHAIN, f"{field}: unknown chain {chain_id!r}; known chains: {known}")
         return chain
 
     def _side_asset(self, side: SideParams, field: str) -> tuple[Chain, Asset, int]:
@@ -78,9 +75,7 @@ class Engine:
                 f"{field}.asset: {side.asset!r} is not traded on {chain.id}; choose {known}",
             )
         try:
-            amount = parse_amount(
-                side.amount, asset.decimals, max_base_units=asset.max_amount, symbol=asset.symbol
-            )
+            amount = parse_amount(side.amount, asset.decimals, max_base_units=asset.max_amount, symbol=asset.symbol)
         except AmountError as exc:
             raise AppError(ErrorCode.INVALID_AMOUNT, f"{field}.amount: {exc}") from None
         return chain, asset, amount
@@ -98,9 +93,7 @@ class Engine:
         await emit(conn, subjects.deal(deal_id), event)
         await store.add_event(conn, deal_id, event.TYPE, detail, now)
 
-    async def apply(
-        self, conn: Connection, deal_id: str, transitions: list[Transition], now: datetime
-    ) -> None:
+    async def apply(self, conn: Connection, deal_id: str, transitions: list[Transition], now: datetime) -> None:
         """Safeguard 6: each stage change and its event commit together (the caller's transaction)."""
         for t in transitions:
             await store.apply_transition(conn, deal_id, t, now)
@@ -145,9 +138,7 @@ class Engine:
         alice_chain, alice_asset, alice_amount = self._side_asset(params.alice, "alice")
         bob_chain, bob_asset, bob_amount = self._side_asset(params.bob, "bob")
         if alice_chain.id == bob_chain.id and alice_asset.symbol == bob_asset.symbol:
-            raise AppError(
-                ErrorCode.UNKNOWN_ASSET, "bob.asset: both sides trade the same asset on the same chain"
-            )
+            raise AppError(ErrorCode.UNKNOWN_ASSET, "bob.asset: both sides trade the same asset on the same chain")
         low = max(alice_chain.min_timeout_seconds, bob_chain.min_timeout_seconds)
         high = min(alice_chain.max_timeout_seconds, bob_chain.max_timeout_seconds)
         if not low <= params.timeout_seconds <= high:
@@ -218,18 +209,14 @@ class Engine:
             sides = await store.get_sides(conn, params.deal_id)
             own = sides[params.party]
             if not token_matches(params.token, own["token_hash"]):
-                raise AppError(
-                    ErrorCode.INVALID_TOKEN, f"the token is not valid for party {params.party.value}"
-                )
+                raise AppError(ErrorCode.INVALID_TOKEN, f"the token is not valid for party {params.party.value}")
             if deal["stage"] != Stage.CREATED.value:
                 raise AppError(
                     ErrorCode.WRONG_STAGE,
                     f"details can be filled only while the deal is CREATED; it is {deal['stage']}",
                 )
             if own["filled_at"] is not None:
-                raise AppError(
-                    ErrorCode.DETAILS_ALREADY_FILLED, "details were already filled and cannot be changed"
-                )
+                raise AppError(ErrorCode.DETAILS_ALREADY_FILLED, "details were already filled and cannot be changed")
             other = sides[Party.BOB if params.party is Party.ALICE else Party.ALICE]
             send_chain = self.registry.chain(own["chain"])
             receive_chain = self.registry.chain(other["chain"])
@@ -351,9 +338,7 @@ class Engine:
             },
             "collection": {"alice": collection(sides[Party.ALICE]), "bob": collection(sides[Party.BOB])},
             "transfers": [],
-            "events": [
-                {"type": e["type"], "at": e["at"].isoformat(), "detail": _json(e["detail"])} for e in events
-            ],
+            "events": [{"type": e["type"], "at": e["at"].isoformat(), "detail": _json(e["detail"])} for e in events],
         }
 
 

@@ -116,9 +116,7 @@ async def apply_transition(conn: Connection, deal_id: str, t: Transition, now: d
     )
 
 
-async def add_event(
-    conn: Connection, deal_id: str, type_: str, detail: dict[str, Any], now: datetime
-) -> None:
+async def add_event(conn: Connection, deal_id: str, type_: str, detail: dict[str, Any], now: datetime) -> None:
     await conn.execute(
         "INSERT INTO deal_events (deal_id, type, detail, at) VALUES ($1, $2, $3::jsonb, $4)",
         deal_id,

@@ -31,17 +31,13 @@ def create_app(service: Service, rpc: RpcHandler) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             RPC_CALLS.labels("too_large").inc()
-            return _json(
-                error(ErrorCode.INVALID_REQUEST, f"request body larger than {MAX_BODY_BYTES} bytes"), 413
-            )
+            return _json(error(ErrorCode.INVALID_REQUEST, f"request body larger than {MAX_BODY_BYTES} bytes"), 413)
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
             if len(body) > MAX_BODY_BYTES:
                 RPC_CALLS.labels("too_large").inc()
-                return _json(
-                    error(ErrorCode.INVALID_REQUEST, f"request body larger than {MAX_BODY_BYTES} bytes"), 413
-                )
+                return _json(error(ErrorCode.INVALID_REQUEST, f"request body larger than {MAX_BODY_BYTES} bytes"), 413)
         reply = await rpc.handle_body(bytes(body))
         if reply is None:
             RPC_CALLS.labels("notification").inc()

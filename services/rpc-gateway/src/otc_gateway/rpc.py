@@ -70,9 +70,7 @@ class RpcHandler:
             if not document:
                 return error(ErrorCode.INVALID_REQUEST, "invalid request: empty batch")
             if len(document) > MAX_BATCH:
-                return error(
-                    ErrorCode.INVALID_REQUEST, f"invalid request: a batch holds at most {MAX_BATCH} calls"
-                )
+                return error(ErrorCode.INVALID_REQUEST, f"invalid request: a batch holds at most {MAX_BATCH} calls")
             replies = await asyncio.gather(*(self.handle_one(item) for item in document))
             answered = [reply for reply in replies if reply is not None]
             return answered or None
