@@ -34,6 +34,8 @@ def deal(stage: Stage, **kw: object) -> DealState:
         bob=side(Party.BOB),
     )
     base.update(kw)
+    # The shell computes this from the escrows; here: done exactly when nothing was received.
+    base.setdefault("refunds_done", not any(s.has_deposits for s in (base["alice"], base["bob"])))  # type: ignore[attr-defined]
     return DealState(**base)  # type: ignore[arg-type]
 
 
@@ -69,6 +71,16 @@ def test_funded_collection_waits_and_keeps_time_left() -> None:
     full = {"funded": 103, "has_deposits": True}
     [t] = rules.evaluate(deal(Stage.COLLECTION, alice=side(Party.ALICE, **full), bob=side(Party.BOB, **full)), NOW)
     assert t.stage is Stage.WAITING and t.remaining_ms == 60_000 and t.expires_at is None
+
+
+def test_both_locked_in_waiting_swaps_and_payouts_close_it() -> None:
+    full = {"funded": 103, "locked_amount": 103, "has_deposits": True}
+    waiting = deal(Stage.WAITING, remaining_ms=5, alice=side(Party.ALICE, **full), bob=side(Party.BOB, **full))
+    assert [t.stage for t in rules.evaluate(waiting, NOW)] == [Stage.SWAP]
+    swapping = msgspec.structs.replace(waiting, stage=Stage.SWAP)
+    assert rules.evaluate(swapping, NOW) == []
+    [closed] = rules.evaluate(msgspec.structs.replace(swapping, payouts_done=True), NOW)
+    assert (closed.stage, closed.outcome) == (Stage.CLOSED, Outcome.SWAPPED)
 
 
 def test_reorg_in_waiting_resumes_deadline_with_time_left() -> None:

@@ -84,6 +84,11 @@ class Service:
         """A background task; a watched one must call `loop.beat()` or liveness fails."""
         self._loops.append(Loop(name, factory, watched=watched))
 
+    async def add_consumer(self, spec: ConsumerSpec, handler: Handler) -> None:
+        """For consumers whose handler needs the started service (call from `setup`)."""
+        await self.nats.provision_consumer(spec)
+        self.consumers.append(ConsumerRunner(self.nats, self.db, spec, handler))
+
     def on_stop(self, callback: Callable[[], None]) -> None:
         self._on_stop.append(callback)
 

@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from otc_common import subjects
 from otc_common.runtime import Loop, Service
 from otc_common.settings import settings_or_exit
 from otc_engine.api import EngineApi
+from otc_engine.handlers import CHAIN_EVENTS, QUEUE_RESULTS, TANK_RESULTS, Handlers
 from otc_engine.service import Engine
 from otc_engine.settings import EngineSettings
-from otc_engine.sweeper import run_sweeper
+from otc_engine.sweeper import run_sweeper, run_unwatcher
 
 
 async def serve() -> None:
     settings = settings_or_exit(EngineSettings)
     service = Service("engine", settings, schema="engine", migrations_package="otc_engine")
-    holder: dict[str, Engine] = {}
+    engine: list[Engine] = []
 
     async def sweeper(loop: Loop) -> None:
-        await run_sweeper(holder["engine"], loop)
+        await run_sweeper(engine[0], loop)
+
+    async def unwatcher(loop: Loop) -> None:
+        await run_unwatcher(engine[0], loop)
 
     service.loop("deadline-sweep", sweeper)
+    service.loop("post-close-unwatch", unwatcher)
 
     async def setup() -> None:
         assert service.registry is not None
-        engine = Engine(service.db, service.registry)
-        holder["engine"] = engine
-        api = EngineApi(engine)
+        engine.append(Engine(service.db, service.registry, timedelta(seconds=settings.post_close_watch_seconds)))
+        handlers = Handlers(engine[0], service.registry)
+        for spec, handler in (
+            (CHAIN_EVENTS, handlers.chain),
+            (QUEUE_RESULTS, handlers.queue),
+            (TANK_RESULTS, handlers.tank),
+        ):
+            await service.add_consumer(spec, handler)
+        api = EngineApi(engine[0])
         await service.nats.nc.subscribe(subjects.ENGINE_RPC, queue=subjects.ENGINE_RPC_QUEUE_GROUP, cb=api.on_request)
 
     await service.run(setup=setup)

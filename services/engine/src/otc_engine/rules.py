@@ -55,6 +55,10 @@ class DealState(msgspec.Struct, frozen=True, kw_only=True):
     alice: SideState
     bob: SideState
     cancelled: bool = False
+    #: Every payout of the swap plan (and its follow-ups) is confirmed.
+    payouts_done: bool = False
+    #: Everything received has been returned (trivially true when nothing was received).
+    refunds_done: bool = False
 
     @property
     def sides(self) -> tuple[SideState, SideState]:
@@ -101,6 +105,9 @@ def _next(deal: DealState, now: datetime) -> Transition | None:
             return Transition(previous=stage, stage=Stage.REVERTED, reason="the deadline passed")
         return None
     if stage is Stage.WAITING:
+        if both_locked:
+            # The shell writes the transfer plan in the same transaction; the deadline is gone for good.
+            return Transition(previous=stage, stage=Stage.SWAP, reason="both sides locked")
         if not all(side.is_funded for side in deal.sides):
             # Safeguard 7: the deadline resumes with the time that was left.
             left = deal.remaining_ms or 0
@@ -111,10 +118,17 @@ def _next(deal: DealState, now: datetime) -> Transition | None:
                 expires_at=now + timedelta(milliseconds=left),
             )
         return None
+    if stage is Stage.SWAP:
+        if deal.payouts_done:
+            return Transition(
+                previous=stage, stage=Stage.CLOSED, reason="every payout confirmed", outcome=Outcome.SWAPPED
+            )
+        return None
     if stage is Stage.REVERTED:
-        if not any(side.has_deposits for side in deal.sides):
+        if deal.refunds_done:
             outcome = Outcome.CANCELLED if deal.cancelled else Outcome.REFUNDED
-            return Transition(previous=stage, stage=Stage.CLOSED, reason="nothing to refund", outcome=outcome)
+            reason = "every deposit refunded" if any(s.has_deposits for s in deal.sides) else "nothing to refund"
+            return Transition(previous=stage, stage=Stage.CLOSED, reason=reason, outcome=outcome)
         return None
     return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -27,12 +27,13 @@ from otc_common.messages import (
     PartyDetailsFilled,
     SideParams,
     Stage,
-    StageChanged,
     StatusParams,
 )
 from otc_common.money import AmountError, bps_of, format_amount, parse_amount
 from otc_common.registry import Asset, Chain, ChainKind, Registry
-from otc_engine import rules, store
+from otc_engine import ledger, rules, store
+from otc_engine.flow import DealFacts as DealFactsType
+from otc_engine.flow import Flow, load
 from otc_engine.rules import Transition
 
 
@@ -49,9 +50,10 @@ def token_matches(token: str, stored_hash: bytes) -> bool:
 
 
 class Engine:
-    def __init__(self, pool: Pool, registry: Registry) -> None:
+    def __init__(self, pool: Pool, registry: Registry, post_close_window: timedelta = timedelta(days=7)) -> None:
         self.pool = pool
         self.registry = registry
+        self.flow = Flow(registry, post_close_window)
         self.keyrings = {
             chain.id: EscrowKeyring(chain.account_xpub, chain.derivation_path) for chain in registry.chains.values()
         }
@@ -90,35 +92,11 @@ class Engine:
     async def _emit_deal_event(
         self, conn: Connection, deal_id: str, event: Any, detail: dict[str, Any], now: datetime
     ) -> None:
-        await emit(conn, subjects.deal(deal_id), event)
-        await store.add_event(conn, deal_id, event.TYPE, detail, now)
-
-    async def apply(self, conn: Connection, deal_id: str, transitions: list[Transition], now: datetime) -> None:
-        """Safeguard 6: each stage change and its event commit together (the caller's transaction)."""
-        for t in transitions:
-            await store.apply_transition(conn, deal_id, t, now)
-            event = StageChanged(
-                deal_id=deal_id,
-                stage=t.stage,
-                previous=t.previous,
-                outcome=t.outcome,
-                expires_at=t.expires_at,
-                reason=t.reason,
-            )
-            detail = {"from": t.previous.value, "to": t.stage.value, "reason": t.reason}
-            if t.outcome:
-                detail["outcome"] = t.outcome.value
-            await self._emit_deal_event(conn, deal_id, event, detail, now)
+        await self.flow.emit_deal_event(conn, deal_id, event, detail, now)
 
     async def advance(self, conn: Connection, deal_id: str, now: datetime) -> list[Transition]:
         """Re-evaluates a deal the caller has locked."""
-        deal = await store.get_deal(conn, deal_id)
-        if deal is None:
-            return []
-        state = store.deal_state(deal, await store.get_sides(conn, deal_id))
-        transitions = rules.evaluate(state, now)
-        await self.apply(conn, deal_id, transitions, now)
-        return transitions
+        return await self.flow.advance(conn, deal_id, now)
 
     async def _locked_deal(self, conn: Connection, deal_id: str) -> asyncpg.Record:
         deal = await store.lock_deal(conn, deal_id)
@@ -262,7 +240,8 @@ class Engine:
             except rules.RuleViolation as exc:
                 raise AppError(ErrorCode.WRONG_STAGE, str(exc)) from None
             await store.mark_cancelled(conn, params.deal_id)
-            await self.apply(conn, params.deal_id, transitions, now)
+            await self.flow.apply(conn, params.deal_id, transitions, now)
+            transitions += await self.flow.advance(conn, params.deal_id, now)
         return {"ok": True, "stage": transitions[-1].stage.value}
 
     async def status(self, params: StatusParams) -> dict[str, Any]:
@@ -277,7 +256,9 @@ class Engine:
                     raise AppError(ErrorCode.INVALID_TOKEN, "the token is not valid for this deal")
                 authorised = True
             events = await store.events(conn, params.deal_id)
-        return self._status_view(deal, sides, events, authorised)
+            facts = await load(conn, params.deal_id, self.registry)
+        assert facts is not None
+        return self._status_view(deal, sides, events, authorised, facts)
 
     def _status_view(
         self,
@@ -285,6 +266,7 @@ class Engine:
         sides: dict[Party, asyncpg.Record],
         events: list[asyncpg.Record],
         authorised: bool,
+        facts: DealFactsType,
     ) -> dict[str, Any]:
         def party_view(row: asyncpg.Record) -> dict[str, Any]:
             asset = self.registry.chain(row["chain"]).assets[row["asset"]]
@@ -317,8 +299,44 @@ class Engine:
                 },
             }
 
-        def collection(row: asyncpg.Record) -> dict[str, Any]:
-            return {"deposited": "0", "confirmed": "0", "locked": False, "deposits": []}
+        deadline = deal["expires_at"] if deal["stage"] == Stage.COLLECTION.value else None
+
+        def collection(party: Party) -> dict[str, Any]:
+            row = sides[party]
+            decimals = self.registry.chain(row["chain"]).assets[row["asset"]].decimals
+            escrow = facts.escrows[party]
+            required = escrow.amount + escrow.commission + escrow.fee_reserve
+            return {
+                "deposited": format_amount(escrow.mined_total(), decimals),
+                "confirmed": format_amount(escrow.confirmed_total, decimals),
+                "locked": escrow.locked_total(deadline) >= required,
+                "deposits": [
+                    {
+                        "txid": d["txid"],
+                        "index": d["idx"],
+                        "amount": format_amount(int(d["amount"]), decimals),
+                        "confirmations": escrow.confirmations(
+                            ledger.DepositFact(amount=0, block_number=d["block_number"], block_time=None)
+                        ),
+                        "blockHeight": d["block_number"],
+                    }
+                    for d in facts.deposits
+                    if d["party"] == party.value
+                ],
+            }
+
+        def transfer(row: asyncpg.Record) -> dict[str, Any]:
+            asset = self.registry.chain(row["chain"]).assets[row["asset"]]
+            return {
+                "purpose": row["purpose"],
+                "chainId": row["chain"],
+                "asset": row["asset"],
+                "amount": format_amount(int(row["amount"]), asset.decimals),
+                "to": row["to_address"],
+                "txid": row["txid"],
+                "status": row["status"],
+                "confirmations": row["confirmations"],
+            }
 
         expires_at = deal["expires_at"]
         return {
@@ -336,8 +354,8 @@ class Engine:
                 "alice": instructions(sides[Party.ALICE]),
                 "bob": instructions(sides[Party.BOB]),
             },
-            "collection": {"alice": collection(sides[Party.ALICE]), "bob": collection(sides[Party.BOB])},
-            "transfers": [],
+            "collection": {"alice": collection(Party.ALICE), "bob": collection(Party.BOB)},
+            "transfers": [transfer(t) for t in facts.transfers],
             "events": [{"type": e["type"], "at": e["at"].isoformat(), "detail": _json(e["detail"])} for e in events],
         }
 

@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from otc_common.settings import BaseSettings
 
 
 class EngineSettings(BaseSettings, frozen=True, kw_only=True):
-    pass
+    post_close_watch_seconds: Annotated[
+        int, msgspec.Meta(ge=0, description="how long escrows of closed deals stay watched for late deposits")
+    ] = 7 * 24 * 3600

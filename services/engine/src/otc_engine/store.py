@@ -169,3 +169,215 @@ def deal_state(deal: asyncpg.Record, sides: dict[Party, asyncpg.Record]) -> Deal
         bob=side(Party.BOB),
         cancelled=deal["cancelled"],
     )
+
+
+# --------------------------------------------------------------------------- money flow
+
+
+async def side_by_escrow(conn: Connection, chain: str, address: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT deal_id, party, asset FROM deal_sides WHERE chain = $1 AND escrow_address = $2", chain, address
+    )
+
+
+async def upsert_deposit(
+    conn: Connection,
+    *,
+    chain: str,
+    txid: str,
+    idx: int,
+    deal_id: str,
+    party: Party,
+    address: str,
+    asset: str,
+    amount: int,
+    block_number: int,
+    block_hash: str,
+    block_time: datetime,
+) -> bool:
+    """True when this is news (a new deposit, or one seen again in another block)."""
+    row = await conn.fetchrow(
+        """INSERT INTO deposits (chain, txid, idx, deal_id, party, address, asset, amount,
+                                 block_number, block_hash, block_time)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+           ON CONFLICT (chain, txid, idx) DO UPDATE
+               SET block_number = EXCLUDED.block_number, block_hash = EXCLUDED.block_hash,
+                   block_time = EXCLUDED.block_time
+               WHERE deposits.block_hash IS DISTINCT FROM EXCLUDED.block_hash
+           RETURNING 1""",
+        chain,
+        txid,
+        idx,
+        deal_id,
+        party.value,
+        address,
+        asset,
+        amount,
+        block_number,
+        block_hash,
+        block_time,
+    )
+    return row is not None
+
+
+async def set_tip(conn: Connection, chain: str, height: int, block_hash: str) -> None:
+    await conn.execute(
+        """INSERT INTO chain_tips (chain, height, hash) VALUES ($1, $2, $3)
+           ON CONFLICT (chain) DO UPDATE SET height = EXCLUDED.height, hash = EXCLUDED.hash, updated_at = now()""",
+        chain,
+        height,
+        block_hash,
+    )
+
+
+async def tips(conn: Connection) -> dict[str, int]:
+    return {row["chain"]: row["height"] for row in await conn.fetch("SELECT chain, height FROM chain_tips")}
+
+
+async def deals_maturing_on(conn: Connection, chain: str, height: int, confirmations: int) -> list[str]:
+    """Deals whose deposits on `chain` are still maturing, or just matured at `height`."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT d.deal_id FROM deposits d JOIN deals USING (deal_id)
+           WHERE d.chain = $1 AND (d.block_number IS NULL OR d.block_number >= $2) AND deals.unwatched = false""",
+        chain,
+        height - confirmations,
+    )
+    return [row["deal_id"] for row in rows]
+
+
+async def unmine_above(conn: Connection, chain: str, height: int) -> list[str]:
+    rows = await conn.fetch(
+        """UPDATE deposits SET block_number = NULL, block_hash = NULL, block_time = NULL
+           WHERE chain = $1 AND block_number > $2 RETURNING deal_id""",
+        chain,
+        height,
+    )
+    return sorted({row["deal_id"] for row in rows})
+
+
+async def halt_chain(conn: Connection, chain: str, reason: str) -> None:
+    await conn.execute(
+        "INSERT INTO chain_halts (chain, reason) VALUES ($1, $2) ON CONFLICT (chain) DO NOTHING", chain, reason
+    )
+
+
+async def halted_chains(conn: Connection) -> set[str]:
+    return {row["chain"] for row in await conn.fetch("SELECT chain FROM chain_halts")}
+
+
+async def deposits(conn: Connection, deal_id: str) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT * FROM deposits WHERE deal_id = $1 ORDER BY block_number NULLS LAST, first_seen", deal_id
+        )
+    )
+
+
+async def transfers(conn: Connection, deal_id: str) -> list[asyncpg.Record]:
+    return list(await conn.fetch("SELECT * FROM transfers WHERE deal_id = $1 ORDER BY created_at, phase", deal_id))
+
+
+async def gas_fundings(conn: Connection, deal_id: str) -> list[asyncpg.Record]:
+    return list(await conn.fetch("SELECT * FROM gas_fundings WHERE deal_id = $1", deal_id))
+
+
+async def insert_transfer(
+    conn: Connection,
+    *,
+    transfer_id: str,
+    deal_id: str,
+    party: Party,
+    chain: str,
+    asset: str,
+    escrow_address: str,
+    escrow_index: int,
+    purpose: str,
+    to_address: str,
+    amount: int,
+    fee_from_amount: bool,
+    phase: int,
+) -> None:
+    await conn.execute(
+        """INSERT INTO transfers (transfer_id, deal_id, party, chain, asset, escrow_address, escrow_index, purpose,
+                                  to_address, amount, fee_from_amount, phase)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)""",
+        transfer_id,
+        deal_id,
+        party.value,
+        chain,
+        asset,
+        escrow_address,
+        escrow_index,
+        purpose,
+        to_address,
+        amount,
+        fee_from_amount,
+        phase,
+    )
+
+
+async def planned_transfers(conn: Connection, deal_id: str, halted: set[str]) -> list[asyncpg.Record]:
+    rows = await conn.fetch("SELECT * FROM transfers WHERE deal_id = $1 AND status = 'PLANNED'", deal_id)
+    return [row for row in rows if row["chain"] not in halted]
+
+
+async def set_transfer_status(conn: Connection, transfer_id: str, status: str, **fields: Any) -> asyncpg.Record | None:
+    """Moves a transfer forward; a result that arrives late never moves it back from CONFIRMED."""
+    assignments = ["status = $2", "updated_at = now()"]
+    values: list[Any] = [transfer_id, status]
+    for column in ("txid", "confirmations", "amount_sent", "fee_paid", "reason"):
+        if column in fields:
+            values.append(fields[column])
+            assignments.append(f"{column} = ${len(values)}")
+    return await conn.fetchrow(
+        f"""UPDATE transfers SET {", ".join(assignments)}
+            WHERE transfer_id = $1 AND status NOT IN ('CONFIRMED', 'SKIPPED')
+            RETURNING deal_id""",
+        *values,
+    )
+
+
+async def transfer_deal(conn: Connection, transfer_id: str) -> str | None:
+    value = await conn.fetchval("SELECT deal_id FROM transfers WHERE transfer_id = $1", transfer_id)
+    return None if value is None else str(value)
+
+
+async def request_gas(
+    conn: Connection, request_id: str, deal_id: str, party: Party, chain: str, escrow_address: str
+) -> bool:
+    row = await conn.fetchrow(
+        """INSERT INTO gas_fundings (request_id, deal_id, party, chain, escrow_address) VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (request_id) DO NOTHING RETURNING 1""",
+        request_id,
+        deal_id,
+        party.value,
+        chain,
+        escrow_address,
+    )
+    return row is not None
+
+
+async def gas_funded(conn: Connection, request_id: str, amount: int, txid: str) -> str | None:
+    value = await conn.fetchval(
+        """UPDATE gas_fundings SET status = 'FUNDED', amount = $2, txid = $3
+           WHERE request_id = $1 AND status <> 'FUNDED' RETURNING deal_id""",
+        request_id,
+        amount,
+        txid,
+    )
+    return None if value is None else str(value)
+
+
+async def closed_deals_to_unwatch(conn: Connection, closed_before: datetime, limit: int) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            """SELECT deal_id FROM deals WHERE stage = 'CLOSED' AND unwatched = false AND closed_at < $1
+               ORDER BY closed_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
+            closed_before,
+            limit,
+        )
+    )
+
+
+async def mark_unwatched(conn: Connection, deal_id: str) -> None:
+    await conn.execute("UPDATE deals SET unwatched = true WHERE deal_id = $1", deal_id)

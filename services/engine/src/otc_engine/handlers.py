@@ -1,0 +1,163 @@
+"""What the engine does with chain events, queue results and tank results.
+
+Each handler runs inside the consumer's inbox transaction: it locks the deals it touches
+(in id order, so replicas never deadlock), records the fact, and re-evaluates them.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from otc_common import subjects
+from otc_common.bus import emit
+from otc_common.db import Connection
+from otc_common.messages import (
+    AlertRaised,
+    ChainReorg,
+    ChainTip,
+    DepositObserved,
+    Envelope,
+    GasFunded,
+    Message,
+    Party,
+    TransferConfirmed,
+    TransferFailed,
+    TransferProgress,
+    TransferSubmitted,
+)
+from otc_common.registry import Registry
+from otc_common.subjects import ConsumerSpec
+from otc_engine import store
+from otc_engine.service import Engine, now_utc
+
+log = logging.getLogger("otc.engine.handlers")
+
+CHAIN_EVENTS = ConsumerSpec(durable="engine-chain", stream="CHAIN", filter_subjects=["otc.chain.>"])
+QUEUE_RESULTS = ConsumerSpec(durable="engine-queue", stream="QUEUE", filter_subjects=["otc.queue.result.>"])
+TANK_RESULTS = ConsumerSpec(durable="engine-tank", stream="TANK", filter_subjects=["otc.tank.result.>"])
+
+
+class Handlers:
+    def __init__(self, engine: Engine, registry: Registry) -> None:
+        self.engine = engine
+        self.registry = registry
+
+    async def _advance_all(self, conn: Connection, deal_ids: list[str], now: datetime) -> None:
+        for deal_id in sorted(set(deal_ids)):
+            await store.lock_deal(conn, deal_id)
+            await self.engine.advance(conn, deal_id, now)
+
+    async def chain(self, conn: Connection, envelope: Envelope, message: Message) -> None:
+        now = now_utc()
+        if isinstance(message, DepositObserved):
+            await self._deposit(conn, message, now)
+        elif isinstance(message, ChainTip):
+            await store.set_tip(conn, message.chain, message.height, message.hash)
+            chain = self.registry.chains.get(message.chain)
+            if chain is not None:
+                deals = await store.deals_maturing_on(conn, message.chain, message.height, chain.confirmations)
+                await self._advance_all(conn, deals, now)
+        elif isinstance(message, ChainReorg):
+            await self._reorg(conn, message, now)
+
+    async def _deposit(self, conn: Connection, message: DepositObserved, now: datetime) -> None:
+        side = await store.side_by_escrow(conn, message.chain, message.address)
+        if side is None:
+            return
+        if side["asset"] != message.asset:
+            log.warning(
+                "deposit of %s into an escrow for %s is not counted",
+                message.asset,
+                side["asset"],
+                extra={"deal_id": side["deal_id"], "chain": message.chain, "txid": message.txid},
+            )
+        await store.lock_deal(conn, side["deal_id"])
+        fresh = await store.upsert_deposit(
+            conn,
+            chain=message.chain,
+            txid=message.txid,
+            idx=message.index,
+            deal_id=side["deal_id"],
+            party=Party(side["party"]),
+            address=message.address,
+            asset=message.asset,
+            amount=message.amount,
+            block_number=message.block_number,
+            block_hash=message.block_hash,
+            block_time=datetime.fromtimestamp(message.block_time, UTC),
+        )
+        if fresh:
+            log.info(
+                "deposit seen",
+                extra={
+                    "deal_id": side["deal_id"],
+                    "chain": message.chain,
+                    "txid": message.txid,
+                    "amount": message.amount,
+                },
+            )
+            await self.engine.advance(conn, side["deal_id"], now)
+
+    async def _reorg(self, conn: Connection, message: ChainReorg, now: datetime) -> None:
+        chain = self.registry.chains.get(message.chain)
+        affected = await store.unmine_above(conn, message.chain, message.ancestor_height)
+        await store.set_tip(conn, message.chain, message.new_tip_height, message.new_tip_hash)
+        if chain is not None and message.depth >= chain.confirmations:
+            # Safeguard 8: confirmed history changed; stop paying on this chain rather than guess.
+            reason = f"reorg of depth {message.depth} at height {message.ancestor_height} >= {chain.confirmations}"
+            await store.halt_chain(conn, message.chain, reason)
+            await emit(
+                conn,
+                subjects.alert("engine"),
+                AlertRaised(source="engine", kind="deep_reorg_halt", detail=reason, chain=message.chain),
+            )
+            log.error("payouts halted", extra={"chain": message.chain, "reason": reason})
+        await self._advance_all(conn, affected, now)
+
+    async def queue(self, conn: Connection, envelope: Envelope, message: Message) -> None:
+        deal_id: str | None = None
+        if isinstance(message, TransferSubmitted):
+            row = await store.set_transfer_status(conn, message.transfer_id, "SUBMITTED", txid=message.txid)
+            deal_id = row["deal_id"] if row else None
+        elif isinstance(message, TransferProgress):
+            row = await store.set_transfer_status(
+                conn, message.transfer_id, "SUBMITTED", txid=message.txid, confirmations=message.confirmations
+            )
+            deal_id = row["deal_id"] if row else None
+        elif isinstance(message, TransferConfirmed):
+            row = await store.set_transfer_status(
+                conn,
+                message.transfer_id,
+                "CONFIRMED",
+                txid=message.txid,
+                confirmations=message.confirmations,
+                amount_sent=message.amount_sent,
+                fee_paid=message.fee_paid,
+            )
+            deal_id = row["deal_id"] if row else None
+        elif isinstance(message, TransferFailed):
+            # A return smaller than its own network fee is skipped: the dust stays in the escrow.
+            status = "SKIPPED" if message.reason.startswith("dust") else "FAILED"
+            row = await store.set_transfer_status(conn, message.transfer_id, status, reason=message.reason)
+            deal_id = row["deal_id"] if row else None
+            if status == "FAILED" and deal_id is not None:
+                await emit(
+                    conn,
+                    subjects.alert("engine"),
+                    AlertRaised(
+                        source="engine",
+                        kind="payout_failed",
+                        detail=f"{message.transfer_id}: {message.reason}",
+                        chain=message.chain,
+                        deal_id=deal_id,
+                    ),
+                )
+        if deal_id is not None:
+            await self._advance_all(conn, [deal_id], now_utc())
+
+    async def tank(self, conn: Connection, envelope: Envelope, message: Message) -> None:
+        if isinstance(message, GasFunded):
+            deal_id = await store.gas_funded(conn, message.request_id, message.amount, message.txid)
+            if deal_id is not None:
+                await self._advance_all(conn, [deal_id], now_utc())
