@@ -197,7 +197,7 @@ class EvmChains:
     USDT_DECIMALS = 6
     MINTED = 1_000_000 * 10**6
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, block_time: float | None = None) -> None:
         from otc_cli import contracts
         from otc_cli.servers import free_port, start_anvil
 
@@ -205,7 +205,9 @@ class EvmChains:
         self.rpc: dict[str, str] = {}
         self.usdt: dict[str, str] = {}
         for chain, chain_id in (("ETH", 31337), ("POLYGON", 31338)):
-            server = start_anvil(free_port(), chain_id, work_dir / f"anvil-{chain}-{secrets.token_hex(3)}.log")
+            server = start_anvil(
+                free_port(), chain_id, work_dir / f"anvil-{chain}-{secrets.token_hex(3)}.log", block_time=block_time
+            )
             self.servers[chain] = server
             self.rpc[chain] = server.url
             deployer = contracts.anvil_account(0)

@@ -694,7 +694,7 @@ def start_anvil(
     chain_id: int,
     log_file: Path,
     state_file: Path | None = None,
-    block_time: int | None = None,
+    block_time: float | None = None,
     *,
     state_interval: int = 2,
     start_timeout: float = DEFAULT_START_TIMEOUT,
