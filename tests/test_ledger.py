@@ -151,3 +151,24 @@ def test_deadline_counts_only_deposits_mined_in_time() -> None:
         ],
     )
     assert e.mined_total(NOW) == 600 and e.mined_total(None) == 1200
+
+
+def test_utxo_escrow_pays_in_three_confirmed_phases() -> None:
+    phased = escrow(deposits=[1100], phased=True)
+    [payout] = ledger.swap_steps(phased, TO).transfers
+    assert (payout.purpose, payout.phase) == (P.SWAP_PAYOUT, 1)
+    pending = msgspec.structs.replace(
+        phased,
+        transfers=[
+            TransferFact(transfer_id="p", purpose=P.SWAP_PAYOUT, amount=1000, status="SUBMITTED", fee_from_amount=False)
+        ],
+    )
+    assert ledger.swap_steps(pending, TO).transfers == [], "nothing until phase 1 is confirmed"
+    after_payout = msgspec.structs.replace(phased, transfers=[done(P.SWAP_PAYOUT, 1000, fee=5)])
+    [commission] = ledger.swap_steps(after_payout, TO).transfers
+    assert (commission.purpose, commission.amount, commission.phase) == (P.COMMISSION, 3, 2)
+    after_commission = msgspec.structs.replace(
+        phased, transfers=[done(P.SWAP_PAYOUT, 1000, fee=5), done(P.COMMISSION, 3, fee=5)]
+    )
+    [surplus] = ledger.swap_steps(after_commission, TO).transfers
+    assert (surplus.purpose, surplus.amount, surplus.phase, surplus.fee_from_amount) == (P.SURPLUS, 87, 3, True)

@@ -159,6 +159,15 @@ class StageChanged(Message, frozen=True, kw_only=True):
     reason: str = ""
 
 
+@message("deal.side_funded")
+class SideFunded(Message, frozen=True, kw_only=True):
+    """A side's mined deposits reached its required amount (told once per side)."""
+
+    deal_id: str
+    party: Party
+    amount: int
+
+
 @message("deal.unwatch")
 class EscrowUnwatch(Message, frozen=True, kw_only=True):
     """The post-close window is over: watchers may forget the address."""

@@ -21,11 +21,12 @@ from otc_common.messages import (
     GasFundingRequest,
     Party,
     PayoutCommand,
+    SideFunded,
     Stage,
     StageChanged,
     TransferPurpose,
 )
-from otc_common.registry import Registry
+from otc_common.registry import ChainKind, Registry
 from otc_engine import ledger, rules, store
 from otc_engine.ledger import Destinations, Escrow, SafeguardViolation
 from otc_engine.rules import DealState, SideState, Transition
@@ -73,6 +74,7 @@ class DealFacts:
             deal_id=self.deal_id,
             party=party,
             native=chain.assets[side["asset"]].native,
+            phased=chain.kind is ChainKind.UTXO,
             amount=int(side["amount"]),
             commission=int(side["commission"]),
             fee_reserve=int(side["fee_reserve"]),
@@ -201,7 +203,18 @@ class Flow:
         facts = await load(conn, deal_id, self.registry)
         if facts is None:
             return []
-        transitions = rules.evaluate(facts.deal_state(), now)
+        state = facts.deal_state()
+        for side in state.sides:
+            if side.is_funded and facts.sides[side.party]["funded_at"] is None:
+                await store.mark_funded(conn, deal_id, side.party, now)
+                await self.emit_deal_event(
+                    conn,
+                    deal_id,
+                    SideFunded(deal_id=deal_id, party=side.party, amount=side.funded),
+                    {"party": side.party.value},
+                    now,
+                )
+        transitions = rules.evaluate(state, now)
         await self.apply(conn, deal_id, transitions, now)
         stage = transitions[-1].stage if transitions else facts.stage
         closed_at = now if transitions and stage is Stage.CLOSED else facts.deal["closed_at"]

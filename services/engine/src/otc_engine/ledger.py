@@ -74,6 +74,9 @@ class Escrow(msgspec.Struct, frozen=True, kw_only=True):
     deposits: list[DepositFact]
     transfers: list[TransferFact]
     gas: list[GasFact] = []
+    #: UTXO escrows pay out in phases, each confirmed before the next is broadcast (DESIGN §2),
+    #: so no transaction spends the change of one that is still unconfirmed.
+    phased: bool = False
 
     # ----------------------------------------------------------------- deposits
 
@@ -202,7 +205,7 @@ def swap_steps(escrow: Escrow, to: Destinations) -> Steps:
                 phase=1,
             )
         ]
-        if escrow.commission > 0:
+        if escrow.commission > 0 and not escrow.phased:
             plan.append(
                 Planned(
                     purpose=TransferPurpose.COMMISSION,
@@ -223,6 +226,18 @@ def swap_steps(escrow: Escrow, to: Destinations) -> Steps:
         return Steps(transfers=plan)
     if not escrow.all_done:
         return Steps()
+    if escrow.phased and escrow.commission > 0 and not escrow.of(TransferPurpose.COMMISSION):
+        return Steps(
+            transfers=[
+                Planned(
+                    purpose=TransferPurpose.COMMISSION,
+                    to=to.operator,
+                    amount=escrow.commission,
+                    fee_from_amount=False,
+                    phase=2,
+                )
+            ]
+        )
     if escrow.native:
         # Everything left (deposits beyond the requirement, the unused fee reserve) goes back;
         # the escrow pays that transfer's fee out of it.
@@ -230,7 +245,13 @@ def swap_steps(escrow: Escrow, to: Destinations) -> Steps:
         if left > 0 and not escrow.of(TransferPurpose.SURPLUS):
             return Steps(
                 transfers=[
-                    Planned(purpose=TransferPurpose.SURPLUS, to=to.payback, amount=left, fee_from_amount=True, phase=2)
+                    Planned(
+                        purpose=TransferPurpose.SURPLUS,
+                        to=to.payback,
+                        amount=left,
+                        fee_from_amount=True,
+                        phase=3 if escrow.phased else 2,
+                    )
                 ]
             )
         # Deposits still maturing now are returned after close, as late deposits.

@@ -381,3 +381,12 @@ async def closed_deals_to_unwatch(conn: Connection, closed_before: datetime, lim
 
 async def mark_unwatched(conn: Connection, deal_id: str) -> None:
     await conn.execute("UPDATE deals SET unwatched = true WHERE deal_id = $1", deal_id)
+
+
+async def mark_funded(conn: Connection, deal_id: str, party: Party, now: datetime) -> None:
+    await conn.execute(
+        "UPDATE deal_sides SET funded_at = $3 WHERE deal_id = $1 AND party = $2 AND funded_at IS NULL",
+        deal_id,
+        party.value,
+        now,
+    )

@@ -1,0 +1,1 @@
+ALTER TABLE deal_sides ADD COLUMN funded_at timestamptz;
