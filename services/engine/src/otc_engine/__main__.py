@@ -10,6 +10,7 @@ from otc_common.runtime import Loop, Service
 from otc_common.settings import settings_or_exit
 from otc_engine.api import EngineApi
 from otc_engine.handlers import CHAIN_EVENTS, QUEUE_RESULTS, TANK_RESULTS, Handlers
+from otc_engine.metrics import refresh_stage_gauge
 from otc_engine.service import Engine
 from otc_engine.settings import EngineSettings
 from otc_engine.sweeper import run_sweeper, run_unwatcher
@@ -26,7 +27,11 @@ async def serve() -> None:
     async def unwatcher(loop: Loop) -> None:
         await run_unwatcher(engine[0], loop)
 
+    async def stage_gauge(loop: Loop) -> None:
+        await refresh_stage_gauge(service.db, loop)
+
     service.loop("deadline-sweep", sweeper)
+    service.loop("stage-gauge", stage_gauge)
     service.loop("post-close-unwatch", unwatcher)
 
     async def setup() -> None:

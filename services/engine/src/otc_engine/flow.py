@@ -29,6 +29,7 @@ from otc_common.messages import (
 from otc_common.registry import ChainKind, Registry
 from otc_engine import ledger, rules, store
 from otc_engine.ledger import Destinations, Escrow, SafeguardViolation
+from otc_engine.metrics import STAGE_CHANGES
 from otc_engine.rules import DealState, SideState, Transition
 
 log = logging.getLogger("otc.engine.flow")
@@ -184,6 +185,7 @@ class Flow:
     async def apply(self, conn: Connection, deal_id: str, transitions: list[Transition], now: datetime) -> None:
         """Safeguard 6: each stage change and its event commit together (the caller's transaction)."""
         for t in transitions:
+            STAGE_CHANGES.labels(t.stage.value).inc()
             await store.apply_transition(conn, deal_id, t, now)
             event = StageChanged(
                 deal_id=deal_id,

@@ -29,6 +29,7 @@ from otc_common.messages import (
 from otc_common.registry import Registry
 from otc_common.subjects import ConsumerSpec
 from otc_engine import store
+from otc_engine.metrics import REORG_DEPTH, REORGS
 from otc_engine.service import Engine, now_utc
 
 log = logging.getLogger("otc.engine.handlers")
@@ -101,6 +102,8 @@ class Handlers:
 
     async def _reorg(self, conn: Connection, message: ChainReorg, now: datetime) -> None:
         chain = self.registry.chains.get(message.chain)
+        REORGS.labels(message.chain).inc()
+        REORG_DEPTH.labels(message.chain).observe(message.depth)
         affected = await store.unmine_above(conn, message.chain, message.ancestor_height)
         await store.set_tip(conn, message.chain, message.new_tip_height, message.new_tip_hash)
         if chain is not None and message.depth >= chain.confirmations:
