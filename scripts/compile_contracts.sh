@@ -5,7 +5,6 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out_dir="$root/libs/otc-cli/src/otc_cli/contracts"
 build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT
 
@@ -15,7 +14,12 @@ if [ ! -x node_modules/.bin/solcjs ]; then
     exit 1
 fi
 
-for contract in TestToken; do
+# contract name and the package folder its artifact ships in
+for entry in \
+    "TestToken:libs/otc-cli/src/otc_cli/contracts" \
+    "BalanceReader:services/chain-watcher-evm/src/otc_watcher_evm"; do
+    contract="${entry%%:*}"
+    out_dir="$root/${entry#*:}"
     # Paths are relative so the artifact does not depend on where the repository lives.
     node_modules/.bin/solcjs --bin --abi --optimize --base-path . -o "$build" "contracts/$contract.sol"
     stem="$build/contracts_${contract}_sol_${contract}"

@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,17 @@ async def stack(
     await running.start()
     yield running
     await running.stop()
+
+
+async def wait_until(read: Any, expected: int, stack: EvmStack, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = await read()
+        if value == expected:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"expected {expected}, still {value}\n{stack.logs()}")
 
 
 async def escrow_fees(stack: EvmStack, chain: str, escrow: str, since: int) -> tuple[int, int]:
@@ -109,13 +121,14 @@ async def test_one_side_funded_deadline_refunds_and_a_late_deposit_is_refunded_t
     deposit = await deal.required("ALICE")
     await deal.deposit("ALICE", deposit)
     await deal.wait("REVERTED", timeout=30)
-    # Bob pays after the deadline: refunded, never swapped.
-    await deal.deposit("BOB", await deal.required("BOB"))
-    final = await deal.wait("CLOSED", outcome="REFUNDED")
+    # Bob pays after the deadline: refunded (or, if the deal closed first, returned as a late deposit), never swapped.
+    bob_paid = await deal.required("BOB")
+    await deal.deposit("BOB", bob_paid)
+    await deal.wait("CLOSED", outcome="REFUNDED")
+    usdt = stack.chains.usdt["POLYGON"]
+    await wait_until(lambda: stack.polygon.token_balance(usdt, deal.payback["BOB"]), bob_paid, stack)
+    final = await deal.status()
     assert not any(t["purpose"] == "SWAP_PAYOUT" for t in final["transfers"])
-    assert await stack.polygon.token_balance(stack.chains.usdt["POLYGON"], deal.payback["BOB"]) == await deal.required(
-        "BOB"
-    )
     refund_fee = deposit - await stack.eth.balance(deal.payback["ALICE"])
     assert 0 < refund_fee < 10**15, "Alice gets her deposit back less only the refund's own fee"
     assert await stack.eth.balance(deal.recipient["BOB"]) == 0
@@ -143,14 +156,9 @@ async def test_late_deposit_after_close_is_returned(stack: EvmStack) -> None:
         deal.deposit("ALICE", await deal.required("ALICE")), deal.deposit("BOB", await deal.required("BOB"))
     )
     await deal.wait("CLOSED", outcome="SWAPPED")
-    before = await stack.polygon.token_balance(stack.chains.usdt["POLYGON"], deal.payback["BOB"])
+    usdt = stack.chains.usdt["POLYGON"]
+    before = await stack.polygon.token_balance(usdt, deal.payback["BOB"])
     await deal.deposit("BOB", 7 * USDT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        after = await stack.polygon.token_balance(stack.chains.usdt["POLYGON"], deal.payback["BOB"])
-        if after - before == 7 * USDT:
-            break
-        await asyncio.sleep(0.2)
-    assert after - before == 7 * USDT, stack.logs()
+    await wait_until(lambda: stack.polygon.token_balance(usdt, deal.payback["BOB"]), before + 7 * USDT, stack)
     late = [t for t in (await deal.status())["transfers"] if t["purpose"] == "LATE_RETURN"]
     assert len(late) == 1

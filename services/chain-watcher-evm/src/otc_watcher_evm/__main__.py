@@ -1,35 +1,54 @@
 """chain-watcher-evm: follows one EVM chain for the escrows the engine assigns.
 
-One process per chain (`--chain ETH`); replicas of it may run side by side.
+One process per chain (`--chain ETH`); replicas of it may run side by side and publish
+identical events, which JetStream deduplicates by their fact-derived ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
 from otc_common import watchset
-from otc_common.runtime import Service
-from otc_common.settings import BaseSettings, config_exit, settings_or_exit
+from otc_common.registry import ChainKind
+from otc_common.runtime import Loop, Service
+from otc_common.settings import config_exit, settings_or_exit
+from otc_watcher_evm import follow
+from otc_watcher_evm.rpc import EvmRpc
+from otc_watcher_evm.settings import WatcherSettings
+from otc_watcher_evm.watcher import Watcher
 
 KIND = "evm"
 
 
-async def serve(chain: str) -> None:
-    settings = settings_or_exit(BaseSettings)
+async def serve(chain_id: str) -> None:
+    settings = settings_or_exit(WatcherSettings)
     service = Service(
-        f"chain-watcher-evm-{chain}",
+        f"chain-watcher-evm-{chain_id}",
         settings,
-        schema=watchset.schema_name(KIND, chain),
+        schema=watchset.schema_name(KIND, chain_id),
+        migrations_package="otc_watcher_evm",
         extra_migrations=[watchset.MIGRATION],
     )
-    service.consume(watchset.consumer_spec(KIND, chain), watchset.WatchSetHandler(chain))
+    service.consume(watchset.consumer_spec(KIND, chain_id), watchset.WatchSetHandler(chain_id))
+    service.consume(follow.consumer_spec(chain_id), follow.FollowHandler(chain_id))
+    watcher: list[Watcher] = []
+
+    async def follow_chain(loop: Loop) -> None:
+        await watcher[0].run(loop)
+
+    service.loop("chain-follow", follow_chain)
 
     async def setup() -> None:
+        # httpx logs each request with its URL, and a node URL may carry an API key.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         assert service.registry is not None
-        known = service.registry.chains.get(chain)
-        if known is None or known.kind.value != KIND:
-            config_exit(f"--chain {chain}: not a {KIND} chain in the registry")
+        chain = service.registry.chains.get(chain_id)
+        if chain is None or chain.kind is not ChainKind.EVM or chain.rpc is None:
+            config_exit(f"--chain {chain_id}: not an {KIND} chain in the registry")
+        rpc = EvmRpc(chain_id, chain.rpc, settings.rpc_timeout_seconds)
+        watcher.append(Watcher(chain, service.db, service.nats, rpc, settings.poll_interval_ms / 1000))
 
     await service.run(setup=setup)
 

@@ -1,0 +1,557 @@
+"""The I/O shell: follows the chain block by block and records what the rules find.
+
+Each step reads the state, asks the node, and then, in one transaction that first checks the
+state is unchanged (`store.claim_head`), records its result together with the events it causes.
+A step whose view went stale (another replica moved on) is dropped and redone from the new state,
+so a SIGKILL or a rival replica between any two lines loses nothing and publishes nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+
+import asyncpg
+import nats.errors
+
+from otc_common import subjects, watchset
+from otc_common.addresses import evm_checksum_address
+from otc_common.bus import Bus, emit
+from otc_common.db import Connection, Pool
+from otc_common.messages import (
+    ChainReorg,
+    ChainTip,
+    DepositObserved,
+    TxConfirmation,
+    UnregisteredTokenDeposit,
+    stable_event_id,
+)
+from otc_common.registry import Chain
+from otc_common.runtime import Loop
+from otc_watcher_evm import metrics, rules, store
+from otc_watcher_evm.rpc import EvmRpc, RpcError
+from otc_watcher_evm.rules import Baseline, Block, Followed, Found, Receipt
+from otc_watcher_evm.store import Head, StoredBlock
+
+log = logging.getLogger("otc.watcher.evm")
+
+ZERO_HASH = "0x" + "0" * 64
+#: Escrows re-checked, and followed transactions looked up, per step.
+BATCH = 1000
+BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
+#: How long a start waits for the watch set to catch up with the deal events it missed.
+WATCH_SET_CATCH_UP_SECONDS = 10.0
+ASIDE_RETRY_SECONDS = 2.0
+
+
+class Watcher:
+    def __init__(self, chain: Chain, pool: Pool, bus: Bus, rpc: EvmRpc, poll_interval: float) -> None:
+        self.chain = chain
+        self.id = chain.id
+        self.pool = pool
+        self.bus = bus
+        self.rpc = rpc
+        self.poll_interval = poll_interval
+        self.native = chain.native_asset.symbol
+        self.tokens = {
+            asset.contract.lower(): symbol for symbol, asset in chain.assets.items() if asset.contract is not None
+        }
+        self.stop_at = rules.stop_at(chain.confirmations)
+        self._aside_after: dict[str, float] = {}
+        self._deferring = False
+
+    # ----------------------------------------------------------------- loop
+
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[Connection]:
+        """Reads that see one consistent state of the tables."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            yield conn
+
+    async def run(self, loop: Loop) -> None:
+        self.rpc.on_answer = loop.beat
+        await self._await_watch_set(loop)
+        failures = 0
+        while True:
+            loop.beat()
+            try:
+                progressed = await self.step()
+                failures = 0
+            except RpcError as exc:
+                delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
+                failures += 1
+                log.warning("chain rpc failed: %s; retrying in %ss", exc, delay, extra={"chain": self.id})
+                await asyncio.sleep(delay)
+                continue
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
+                failures += 1
+                log.warning(
+                    "database failed (%s: %s); retrying in %ss",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    extra={"chain": self.id},
+                )
+                await asyncio.sleep(delay)
+                continue
+            if not progressed:
+                await asyncio.sleep(self.poll_interval)
+
+    async def _await_watch_set(self, loop: Loop) -> None:
+        """After downtime the deal events queued meanwhile go into the watch set before old blocks are read."""
+        durable = watchset.consumer_spec("evm", self.id).durable
+        deadline = time.monotonic() + WATCH_SET_CATCH_UP_SECONDS
+        while time.monotonic() < deadline:
+            loop.beat()
+            try:
+                info = await self.bus.js.consumer_info("DEALS", durable)
+            except (nats.errors.Error, TimeoutError, OSError):
+                return
+            if not info.num_pending and not info.num_ack_pending:
+                return
+            await asyncio.sleep(0.1)
+
+    async def step(self) -> bool:
+        """One round: look up new follows, re-check new escrows, take the next block. True if it moved."""
+        async with self.pool.acquire() as conn:
+            head = await store.head(conn)
+            follows_pending, escrows_pending = await store.pending_work(conn) if head else (False, False)
+        if head is None:
+            return await self._first_block()
+        if follows_pending:
+            await self._aside("looking up followed transactions", self._look_up_follows)
+        if escrows_pending:
+            await self._aside("re-checking new escrows", self._recheck_new_escrows)
+        return await self._next_block()
+
+    async def _aside(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Work besides the next block: its failure is retried later and never holds the chain up."""
+        if time.monotonic() < self._aside_after.get(what, 0.0):
+            return
+        try:
+            await work()
+        except RpcError as exc:
+            self._aside_after[what] = time.monotonic() + ASIDE_RETRY_SECONDS
+            log.warning("%s deferred: %s", what, exc, extra={"chain": self.id})
+
+    async def _measure(self, addresses: list[str], block: Block) -> dict[str, int] | None:
+        """Balances at the end of `block`; None when the node no longer serves that old state."""
+        try:
+            balances = await self.rpc.balances(addresses, block.hash)
+        except RpcError:
+            # The same call at the tip tells an old block's missing state from a failing node.
+            await self.rpc.balances(addresses, None)
+            metrics.BALANCE_DEFERRED.labels(self.id).inc()
+            if not self._deferring:
+                log.warning(
+                    "the node no longer serves the state of old blocks; balance checks are carried forward",
+                    extra={"chain": self.id, "height": block.number},
+                )
+            self._deferring = True
+            return None
+        if self._deferring:
+            log.info("balance checks resumed", extra={"chain": self.id, "height": block.number})
+        self._deferring = False
+        return balances
+
+    # ----------------------------------------------------------------- blocks
+
+    async def _first_block(self) -> bool:
+        number = await self.rpc.block_number()
+        block = await self.rpc.block(number, full=True)
+        if block is None:
+            return False
+        log.info("first start: following from the current tip", extra={"chain": self.id, "height": number})
+        await self._process(block, None)
+        return True
+
+    async def _next_block(self) -> bool:
+        async with self.pool.acquire() as conn:
+            head = await store.head(conn)
+        assert head is not None
+        cpu, wall = time.process_time(), time.perf_counter()
+        block = await self.rpc.block(head.number + 1, full=True)
+        if block is None:
+            metrics.IDLE_POLLS.labels(self.id).inc()
+            return False
+        if block.parent_hash != head.hash:
+            await self._reorg(head, block)
+            return True
+        await self._process(block, head, cpu, wall)
+        return True
+
+    async def _process(
+        self, block: Block, head: Head | None, cpu: float | None = None, wall: float | None = None
+    ) -> None:
+        cpu = time.process_time() if cpu is None else cpu
+        wall = time.perf_counter() if wall is None else wall
+        async with self._snapshot() as conn:
+            watched = await store.watched(conn)
+            previous = await store.baselines(conn)
+            follows = await store.open_follows(conn)
+        logs = await self.rpc.logs_in_block(block.hash)
+        if any(entry.block_hash != block.hash for entry in logs):
+            raise RpcError(f"logs of block {block.number} came from another block (reorg under way)")
+        known = sorted(previous)
+        measured = await self._measure(known, block) if known else {}
+        receipts: dict[str, Receipt] = {}
+        for tx in block.txs:
+            if tx.hash in follows:
+                receipt = await self.rpc.receipt(tx.hash, tx.gas_price)
+                if receipt is None or receipt.block_hash != block.hash:
+                    raise RpcError(f"receipt of {tx.hash} is not in block {block.number} (reorg under way)")
+                receipts[tx.hash] = receipt
+
+        native = rules.native_deposits(block, watched, self.native)
+        tokens = rules.token_deposits(logs, watched, self.tokens)
+        outflows = {a: spent for a, spent in rules.known_outflows(block, receipts).items() if a in watched}
+        verdict = rules.judge_balances(previous, measured, rules.sum_by_address(native), outflows)
+        internal = [
+            Found(
+                address=address,
+                txid=rules.internal_txid(block.hash, address),
+                index=rules.INTERNAL_INDEX,
+                amount=amount,
+                asset=self.native,
+            )
+            for address, amount in sorted(verdict.credits.items())
+        ]
+        mined = {
+            txid: Followed(
+                txid=txid,
+                transfer_id=follows[txid].transfer_id,
+                block_number=block.number,
+                block_hash=block.hash,
+                success=receipt.success,
+                fee_paid=receipt.fee_paid,
+            )
+            for txid, receipt in receipts.items()
+        }
+        open_follows = {**follows, **mined}.values()
+        confirmations = rules.confirmations_at(open_follows, block.number)
+
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await store.claim_head(conn, head):
+                return
+            await store.insert_block(conn, block)
+            published = 0
+            for found in [*native, *tokens, *internal]:
+                published += await self._publish(conn, block, found, watched[found.address])
+            for item in mined.values():
+                assert item.block_number is not None and item.block_hash is not None
+                await store.mark_mined(conn, item.txid, item.block_number, item.block_hash, item.success, item.fee_paid)
+            await self._confirmations(conn, confirmations)
+            await store.set_baselines(conn, {watched[a]: b for a, b in verdict.baselines.items()})
+            await emit(
+                conn,
+                subjects.chain_event(self.id, "tip"),
+                ChainTip(chain=self.id, height=block.number, hash=block.hash, time=block.time),
+                event_id=stable_event_id(self.id, "tip", block.number, block.hash),
+            )
+            await store.prune(conn, block.number - self.chain.reorg_window + 1)
+            await store.set_head(conn, block.number, block.hash)
+            followed_count = await store.follow_count(conn)
+
+        metrics.BLOCKS.labels(self.id).inc()
+        metrics.HEIGHT.labels(self.id).set(block.number)
+        metrics.WATCHED.labels(self.id).set(len(watched))
+        metrics.FOLLOWED.labels(self.id).set(followed_count)
+        metrics.BLOCK_CPU.labels(self.id).observe(time.process_time() - cpu)
+        metrics.BLOCK_SECONDS.labels(self.id).observe(time.perf_counter() - wall)
+        for address, missing in verdict.shortfalls.items():
+            await self.bus.raise_alert(
+                "balance_below_deposits",
+                f"{watched[address]} on {self.id} holds {missing} wei less than its deposits in block "
+                f"{block.number} explain",
+                chain=self.id,
+            )
+        if published:
+            log.debug("block processed", extra={"chain": self.id, "height": block.number, "published": published})
+
+    async def _publish(self, conn: Connection, block: Block, found: Found, address: str) -> int:
+        """Records and emits one deposit unless it was already published for this block."""
+        if not await store.record_published(conn, found, address, block):
+            return 0
+        if found.asset is not None:
+            await emit(
+                conn,
+                subjects.chain_event(self.id, "deposit"),
+                DepositObserved(
+                    chain=self.id,
+                    address=address,
+                    asset=found.asset,
+                    txid=found.txid,
+                    index=found.index,
+                    amount=found.amount,
+                    block_number=block.number,
+                    block_hash=block.hash,
+                    block_time=block.time,
+                ),
+                event_id=stable_event_id(self.id, "deposit", found.txid, found.index, block.hash),
+            )
+            kind = {rules.NATIVE_INDEX: "native", rules.INTERNAL_INDEX: "internal"}.get(found.index, "token")
+            metrics.DEPOSITS.labels(self.id, kind).inc()
+            log.info(
+                "deposit observed",
+                extra={
+                    "chain": self.id,
+                    "address": address,
+                    "asset": found.asset,
+                    "amount": found.amount,
+                    "txid": found.txid,
+                    "height": block.number,
+                },
+            )
+            return 1
+        assert found.contract is not None
+        contract = evm_checksum_address(found.contract)
+        await emit(
+            conn,
+            subjects.chain_event(self.id, "token_ignored"),
+            UnregisteredTokenDeposit(
+                chain=self.id,
+                address=address,
+                contract=contract,
+                txid=found.txid,
+                index=found.index,
+                amount=found.amount,
+                block_number=block.number,
+            ),
+            event_id=stable_event_id(self.id, "token_ignored", found.txid, found.index, block.hash),
+        )
+        log.warning(
+            "unregistered token arrived at an escrow; not counted",
+            extra={"chain": self.id, "address": address, "contract": contract, "amount": found.amount},
+        )
+        return 1
+
+    async def _confirmations(self, conn: Connection, updates: Iterable[tuple[Followed, int]]) -> None:
+        for item, count in updates:
+            await emit(
+                conn,
+                subjects.chain_event(self.id, "confirmation"),
+                TxConfirmation(
+                    chain=self.id,
+                    txid=item.txid,
+                    confirmations=count,
+                    block_number=item.block_number,
+                    block_hash=item.block_hash,
+                    success=item.success,
+                    fee_paid=item.fee_paid,
+                ),
+                event_id=stable_event_id(self.id, "confirmation", item.txid, item.block_hash, count),
+            )
+            if count >= self.stop_at:
+                await store.mark_done(conn, item)
+
+    # ----------------------------------------------------------------- reorgs
+
+    async def _reorg(self, head: Head, new_block: Block) -> None:
+        """Walks back to the common ancestor, reports what was removed, and rewinds to it."""
+        async with self._snapshot() as conn:
+            stored = await store.window(conn)
+            previous = await store.baselines(conn)
+        ancestor: Block | None = None
+        for row in reversed(stored):
+            remote = await self.rpc.block(row.number, full=False)
+            if remote is None:
+                raise RpcError(f"block {row.number} vanished while looking for the common ancestor")
+            if remote.hash == row.hash:
+                ancestor = remote
+                break
+        deep = ancestor is None
+        if ancestor is None:
+            lowest = stored[0].number if stored else head.number
+            ancestor = await self.rpc.block(max(lowest - 1, 0), full=False)
+            if ancestor is None:
+                raise RpcError("the block below the reorg window is missing")
+        depth = head.number - ancestor.number
+        if depth <= 0:
+            return  # the node changed its mind again; the next step sees a consistent chain
+        rewound = await self._measure(sorted(previous), ancestor) if previous else {}
+        if rewound is None:
+            # Without the ancestor's state the baselines cannot be rewound: re-measure without judging.
+            baselines = {a: Baseline(b.balance, b.direct_since, None) for a, b in previous.items()}
+        else:
+            baselines = {a: Baseline(balance) for a, balance in rewound.items()}
+        removed = [row for row in stored if row.number > ancestor.number]
+        removed_hashes = [row.hash for row in removed]
+
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await store.claim_head(conn, head):
+                return
+            watched = await store.watched(conn)
+            await emit(
+                conn,
+                subjects.chain_event(self.id, "reorg"),
+                ChainReorg(
+                    chain=self.id,
+                    ancestor_height=ancestor.number,
+                    ancestor_hash=ancestor.hash,
+                    depth=depth,
+                    removed_hashes=removed_hashes,
+                    new_tip_height=new_block.number,
+                    new_tip_hash=new_block.hash,
+                ),
+                event_id=stable_event_id(self.id, "reorg", ancestor.hash, *removed_hashes),
+            )
+            for item in await store.unmine(conn, removed_hashes):
+                await emit(
+                    conn,
+                    subjects.chain_event(self.id, "confirmation"),
+                    TxConfirmation(chain=self.id, txid=item.txid, confirmations=0, success=item.success),
+                    event_id=stable_event_id(self.id, "confirmation", item.txid, item.block_hash, 0),
+                )
+            await store.forget_above(conn, ancestor.number)
+            if deep:
+                await store.insert_block(conn, ancestor)
+            await store.set_baselines(conn, {watched[a]: b for a, b in baselines.items() if a in watched})
+            await store.set_head(conn, ancestor.number, ancestor.hash)
+
+        metrics.REORGS.labels(self.id).inc()
+        log.warning(
+            "reorg: blocks replaced",
+            extra={"chain": self.id, "ancestor": ancestor.number, "depth": depth, "new_tip": new_block.number},
+        )
+        if rewound is None:
+            await self.bus.raise_alert(
+                "balances_not_rewound",
+                f"{self.id}: the node no longer serves the state of block {ancestor.number}; internal transfers "
+                f"into escrows in the re-scanned blocks may go unnoticed",
+                chain=self.id,
+            )
+        if deep:
+            await self.bus.raise_alert(
+                "reorg_beyond_window",
+                f"{self.id}: no common ancestor within the last {len(stored)} blocks; rewound to {ancestor.number}",
+                chain=self.id,
+            )
+
+    # ----------------------------------------------------------------- followed transactions
+
+    async def _look_up_follows(self) -> None:
+        """A followed transaction may have been mined before the watcher heard of it."""
+        async with self._snapshot() as conn:
+            head = await store.head(conn)
+            txids = await store.unchecked_follows(conn, BATCH)
+            follows = await store.open_follows(conn)
+            hashes = {row.number: row.hash for row in await store.window(conn)}
+        assert head is not None
+        receipts = {txid: await self.rpc.receipt(txid) for txid in txids}
+        checked: list[str] = []
+        updates: list[tuple[Followed, int]] = []
+        for txid, receipt in receipts.items():
+            if receipt is None or receipt.block_number > head.number:
+                checked.append(txid)  # the block scan finds it when it is mined
+                continue
+            ours = hashes.get(receipt.block_number)
+            if ours is not None and ours != receipt.block_hash:
+                continue  # the node is on another branch; after the reorg step it is looked up again
+            item = Followed(
+                txid=txid,
+                transfer_id=follows[txid].transfer_id,
+                block_number=receipt.block_number,
+                block_hash=receipt.block_hash,
+                success=receipt.success,
+                fee_paid=receipt.fee_paid,
+            )
+            updates.append((item, head.number - receipt.block_number + 1))
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await store.claim_head(conn, head):
+                return
+            await store.mark_checked(conn, checked)
+            for item, _ in updates:
+                assert item.block_number is not None and item.block_hash is not None
+                await store.mark_mined(conn, item.txid, item.block_number, item.block_hash, item.success, item.fee_paid)
+            await self._confirmations(conn, updates)
+            await store.bump_version(conn)
+
+    # ----------------------------------------------------------------- newly watched escrows
+
+    async def _recheck_new_escrows(self) -> None:
+        """Looks for what reached newly watched escrows within the window, before they were watched.
+
+        Deposits the block scan already published are recorded, so they are not published again,
+        and a native rise is split into direct deposits and an internal credit only for the part
+        they do not explain.
+        """
+        async with self._snapshot() as conn:
+            head = await store.head(conn)
+            fresh = await store.unchecked_escrows(conn, BATCH)
+            stored = await store.window(conn)
+        assert head is not None
+        if not fresh:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if await store.claim_head(conn, head):
+                    await store.drop_unwatched_balances(conn)
+            return
+        canonical = {address.lower(): address for address in fresh}
+        addresses = sorted(canonical)
+        by_number = {row.number: row for row in stored}
+        scan = [row for row in stored if row.number <= head.number]
+        if scan and scan[0].parent_hash == ZERO_HASH:
+            base_hash, scan = scan[0].hash, scan[1:]  # genesis has no parent state to compare with
+        else:
+            base_hash = scan[0].parent_hash if scan else head.hash
+        at_head = await self.rpc.balances(addresses, head.hash)
+        at_base = await self.rpc.balances(addresses, base_hash)
+        logs = await self.rpc.transfers_to(scan[0].number, head.number, addresses) if scan else []
+        for entry in logs:
+            row = by_number.get(entry.block_number)
+            if row is None or row.hash != entry.block_hash:
+                return  # another branch; the block step handles the reorg first
+        async with self.pool.acquire() as conn:
+            had_native = await store.addresses_with_published(conn, fresh, self.native)
+        moved = [a for a in addresses if at_head[a] != at_base[a] or canonical[a] in had_native]
+        natives: list[tuple[Block, Found]] = []
+        if moved and scan:
+            natives_or_none = await self._attribute(moved, at_base, scan)
+            if natives_or_none is None:
+                return
+            natives = natives_or_none
+        tokens = [
+            (by_number[found_log.block_number].as_block(), found)
+            for found_log in logs
+            for found in rules.token_deposits([found_log], addresses, self.tokens)
+        ]
+
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await store.claim_head(conn, head):
+                return
+            for block, found in [*natives, *tokens]:
+                await self._publish(conn, block, found, canonical[found.address])
+            await store.set_baselines(conn, {canonical[a]: Baseline(v) for a, v in at_head.items()})
+            await store.drop_unwatched_balances(conn)
+            await store.bump_version(conn)
+        for address in addresses:
+            if 0 < at_base[address] != rules.SATURATED:
+                await self.bus.raise_alert(
+                    "escrow_funded_before_window",
+                    f"{canonical[address]} on {self.id} already held {at_base[address]} wei before the last "
+                    f"{len(scan)} blocks when it was first watched; that amount is not attributed",
+                    chain=self.id,
+                )
+
+    async def _attribute(
+        self, addresses: list[str], base: Mapping[str, int], scan: list[StoredBlock]
+    ) -> list[tuple[Block, Found]] | None:
+        """Native deposits of `addresses` block by block over the window; None if the chain moved."""
+        per_block: dict[str, dict[str, int]] = {}
+        blocks: list[Block] = []
+        before: Mapping[str, int] = base
+        for row in scan:
+            after = await self.rpc.balances(addresses, row.hash)
+            per_block[row.hash] = after
+            if any(after[a] != before[a] for a in addresses):
+                block = await self.rpc.block(row.number, full=True)
+                if block is None or block.hash != row.hash:
+                    return None
+                blocks.append(block)
+            else:
+                blocks.append(row.as_block())
+            before = after
+        return rules.attribute_window(addresses, base, blocks, per_block, self.native)
