@@ -25,6 +25,7 @@ class ErrorCode(IntEnum):
     INVALID_TIMEOUT = 1009
     TEMPORARILY_UNAVAILABLE = 1010
     RATE_LIMITED = 1011
+    EMAIL_NOT_CONFIGURED = 1012
 
 
 class AppError(Exception):

@@ -419,6 +419,15 @@ class CancelDealParams(Params, frozen=True, kw_only=True):
     token: Token
 
 
+class SendInviteParams(Params, frozen=True, kw_only=True):
+    """Mails `party` its personal link; `token` is that party's own token, which the link carries."""
+
+    deal_id: DealId
+    party: Party
+    email: Email
+    token: Token
+
+
 class ChainFilterParams(Params, frozen=True, kw_only=True):
     chain_id: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
 
@@ -428,6 +437,7 @@ RPC_PARAMS: dict[str, type[Params]] = {
     "otc.fillPartyDetails": FillPartyDetailsParams,
     "otc.status": StatusParams,
     "otc.cancelDeal": CancelDealParams,
+    "otc.sendInvite": SendInviteParams,
     "otc.getChainConfig": ChainFilterParams,
     "otc.listAssets": ChainFilterParams,
 }

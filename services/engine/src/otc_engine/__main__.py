@@ -8,6 +8,7 @@ from datetime import timedelta
 from otc_common import subjects
 from otc_common.runtime import Loop, Service
 from otc_common.settings import settings_or_exit
+from otc_engine import notify
 from otc_engine.api import EngineApi
 from otc_engine.handlers import CHAIN_EVENTS, QUEUE_RESULTS, TANK_RESULTS, Handlers
 from otc_engine.metrics import refresh_stage_gauge
@@ -19,6 +20,7 @@ from otc_engine.sweeper import run_sweeper, run_unwatcher
 async def serve() -> None:
     settings = settings_or_exit(EngineSettings)
     service = Service("engine", settings, schema="engine", migrations_package="otc_engine")
+    notifications = notify.register(service, settings)
     engine: list[Engine] = []
 
     async def sweeper(loop: Loop) -> None:
@@ -45,6 +47,7 @@ async def serve() -> None:
         ):
             await service.add_consumer(spec, handler)
         api = EngineApi(engine[0])
+        await notifications.setup(api)
         await service.nats.nc.subscribe(subjects.ENGINE_RPC, queue=subjects.ENGINE_RPC_QUEUE_GROUP, cb=api.on_request)
 
     await service.run(setup=setup)

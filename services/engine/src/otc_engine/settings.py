@@ -4,10 +4,10 @@ from typing import Annotated
 
 import msgspec
 
-from otc_common.settings import BaseSettings
+from otc_engine.notify.settings import NotifySettings
 
 
-class EngineSettings(BaseSettings, frozen=True, kw_only=True):
+class EngineSettings(NotifySettings, frozen=True, kw_only=True):
     post_close_watch_seconds: Annotated[
         int, msgspec.Meta(ge=0, description="how long escrows of closed deals stay watched for late deposits")
     ] = 7 * 24 * 3600
