@@ -8,6 +8,7 @@ testcontainers when a Docker engine answers. Under CI=true nothing is skipped.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import secrets
 import shutil
@@ -20,15 +21,15 @@ import asyncpg
 import nats
 import pytest
 
-from tests.support import TEST_SEED_HEX, RpcClient, ServiceProcess, write_test_registry
+from tests.support import TEST_SEED_HEX, UNLIMITED_RATES, RpcClient, ServiceProcess, write_test_registry
 
 
 def _docker_answers() -> bool:
     if shutil.which("docker") is None:
         return False
     try:
-        import docker
-
+        # By name: the repository's own docker/ folder (the Dockerfiles) shadows the package for mypy.
+        docker = importlib.import_module("docker")
         docker.from_env().ping()
         return True
     except Exception:
@@ -163,12 +164,18 @@ def service_env(clean_nats: str, database_url: str, registry_file: Path) -> dict
 class Stack:
     """Engine replica(s) and a gateway as real processes over the test NATS and PostgreSQL."""
 
-    def __init__(self, env: dict[str, str], work_dir: Path, engines: int = 1) -> None:
+    def __init__(
+        self, env: dict[str, str], work_dir: Path, engines: int = 1, gateway_env: dict[str, str] | None = None
+    ) -> None:
+        gateway_env = gateway_env or {}
         self.env = env
         self.database_url = env["OTC_DATABASE_URL"]
         self.engines = [ServiceProcess("engine", ["-m", "otc_engine"], env, work_dir) for _ in range(engines)]
         self.gateway = ServiceProcess(
-            "gateway", ["-m", "otc_gateway"], {**env, "OTC_PUBLIC_BASE_URL": "https://otc.example"}, work_dir
+            "gateway",
+            ["-m", "otc_gateway"],
+            {**env, **UNLIMITED_RATES, "OTC_PUBLIC_BASE_URL": "https://otc.example", **gateway_env},
+            work_dir,
         )
         self.rpc = RpcClient(self.gateway.url)
 
