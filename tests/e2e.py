@@ -14,7 +14,7 @@ from eth_account import Account
 from otc_cli import contracts
 from otc_common.money import parse_amount
 from tests.conftest import EvmChains
-from tests.support import RpcClient, ServiceProcess, tank_address
+from tests.support import UNLIMITED_RATES, RpcClient, ServiceProcess, tank_address
 
 FUNDER = {"ALICE": 1, "BOB": 3}
 
@@ -66,6 +66,31 @@ class Chain:
         return found
 
 
+class Miner:
+    """Mines a block on each chain every `interval` seconds while running (chains without a block timer)."""
+
+    def __init__(self, chains: list[Chain], interval: float = 0.3) -> None:
+        self.chains = chains
+        self.interval = interval
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            for chain in self.chains:
+                await chain.call("anvil_mine", "0x1")
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+
 class EvmStack:
     """Gateway, engine, queue processor, tank and one watcher per chain, each its own process."""
 
@@ -76,7 +101,10 @@ class EvmStack:
         for i in range(engines):
             self.procs[f"engine{i}" if i else "engine"] = ServiceProcess("engine", ["-m", "otc_engine"], env, work_dir)
         self.procs["gateway"] = ServiceProcess(
-            "gateway", ["-m", "otc_gateway"], {**env, "OTC_PUBLIC_BASE_URL": "https://otc.example"}, work_dir
+            "gateway",
+            ["-m", "otc_gateway"],
+            {**env, **UNLIMITED_RATES, "OTC_PUBLIC_BASE_URL": "https://otc.example"},
+            work_dir,
         )
         self.procs["queue"] = ServiceProcess(
             "queue", ["-m", "otc_queue"], {**env, "OTC_BUMP_AFTER_SECONDS": "10"}, work_dir
@@ -94,6 +122,7 @@ class EvmStack:
         self.rpc = RpcClient(self.procs["gateway"].url)
         self.eth = Chain(chains.rpc["ETH"])
         self.polygon = Chain(chains.rpc["POLYGON"])
+        self.miner = Miner([self.eth, self.polygon])
 
     def chain(self, name: str) -> Chain:
         return self.eth if name == "ETH" else self.polygon
@@ -106,7 +135,12 @@ class EvmStack:
         await asyncio.gather(*(p.start() for name, p in self.procs.items() if not name.startswith("engine")))
 
     async def stop(self) -> None:
+        await self.miner.stop()
         await asyncio.gather(*(p.stop() for p in self.procs.values()))
+
+    async def mine(self, blocks: int = 1) -> None:
+        for chain in (self.eth, self.polygon):
+            await chain.call("anvil_mine", hex(blocks))
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{p.log_tail(25)}" for name, p in self.procs.items())

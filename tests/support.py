@@ -29,6 +29,15 @@ OPERATOR_EVM = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
 ALPHA_ADDRESS = "alpha1qcr8te4kr609gcawutmrza0j4xv80jy8zn4smkh"
 
 
+#: Tests poll the gateway far faster than any trader; its per-client and per-deal limits are tested on their own.
+UNLIMITED_RATES = {
+    "OTC_RATE_CLIENT_PER_SECOND": "100000",
+    "OTC_RATE_CLIENT_BURST": "100000",
+    "OTC_RATE_DEAL_PER_SECOND": "100000",
+    "OTC_RATE_DEAL_BURST": "100000",
+}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import asyncio
 
-from otc_common import subjects
 from otc_common.runtime import Service
-from otc_common.settings import BaseSettings, settings_or_exit
-from otc_common.subjects import ConsumerSpec
-
-COMMANDS = ConsumerSpec(
-    durable="queue-processor-commands", stream="QUEUE", filter_subjects=["otc.queue.cmd.>"]
-)
-CHAIN_EVENTS = ConsumerSpec(
-    durable="queue-processor-chain",
-    stream="CHAIN",
-    filter_subjects=[subjects.chain_event("*", "confirmation")],
-)
+from otc_common.settings import ConfigError, config_exit, settings_or_exit
+from otc_queue.processor import Processor
+from otc_queue.settings import QueueSettings, load_signing_seed
 
 
 async def serve() -> None:
-    settings = settings_or_exit(BaseSettings)
-    service = Service("queue-processor", settings, schema="queue")
+    settings = settings_or_exit(QueueSettings)
+    try:
+        seed = load_signing_seed()
+    except ConfigError as exc:
+        config_exit(str(exc))
+    service = Service("queue-processor", settings, schema="queue", migrations_package="otc_queue")
+    processor = Processor(service, settings, seed)
+    service.loop("queue-sweep", processor.sweep)
+    service.on_stop(processor.stop)
 
     async def setup() -> None:
-        # Consumers are provisioned so no command is missed; signing starts with the payout stage.
-        for spec in (COMMANDS, CHAIN_EVENTS):
-            await service.nats.provision_consumer(spec)
+        try:
+            await processor.start()
+        except ConfigError as exc:
+            config_exit(str(exc))
 
     await service.run(setup=setup)
 

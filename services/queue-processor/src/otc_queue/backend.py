@@ -1,0 +1,77 @@
+"""What the shell needs from a chain kind. `evm.py` implements it; a `utxo.py` sits beside it later.
+
+The shell owns the order of work (per sender, in arrival order), the database (candidates stored
+before broadcast, one transaction per state change with its events) and the events; a backend owns
+how a chain is read, how a transaction is built and signed, and what a node's answer means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any, Protocol
+
+import msgspec
+
+from otc_common.registry import Chain
+from otc_queue.rules import Outflow, Refused, Seen, TransferOrder, TxPlan, Wait
+from otc_queue.store import InFlight
+
+
+class Sent(StrEnum):
+    """A node's answer to a broadcast."""
+
+    ACCEPTED = "accepted"
+    #: The node already has these bytes (in its pool, or mined).
+    KNOWN = "known"
+    #: Its nonce is used: one of the candidates (or something else) was mined; receipts will tell.
+    SPENT = "spent"
+    #: The node wants a higher fee: replace it at the same nonce.
+    UNDERPRICED = "underpriced"
+    NO_FUNDS = "no_funds"
+    REJECTED = "rejected"
+
+
+class Signed(msgspec.Struct, frozen=True, kw_only=True):
+    txid: str
+    raw: bytes
+    nonce: int
+    plan: TxPlan
+
+
+class ChainBackend(Protocol):
+    chain: Chain
+
+    def escrow_address(self, index: int) -> str:
+        """The address of the key the seed gives at `index` (what the command's escrow must be)."""
+        ...
+
+    async def read(self, order: TransferOrder, *, estimate: bool) -> Any | Wait:
+        """What signing needs from the chain (balances, fees), read before the signing transaction."""
+        ...
+
+    def sign_first(
+        self, order: TransferOrder, reading: Any, outflows: Sequence[Outflow], next_nonce: int
+    ) -> Signed | Wait | Refused:
+        """The transfer's first transaction, if the escrow can pay it; pure apart from signing."""
+        ...
+
+    def sign_replacement(
+        self, order: TransferOrder, nonce: int, last: TxPlan, reading: Any, outflows: Sequence[Outflow]
+    ) -> Signed | Wait:
+        """A replacement of `last` at the same nonce with higher fees."""
+        ...
+
+    async def send(self, raw: bytes) -> tuple[Sent, str]:
+        """Broadcasts stored bytes; the outcome and the node's words."""
+        ...
+
+    async def look(self, sender: str, transfers: Sequence[InFlight]) -> Seen:
+        """One look at the chain for a sender's signed transfers."""
+        ...
+
+    def amount_sent(self, order: TransferOrder, plan: TxPlan) -> int:
+        """What the receiver got from the mined candidate."""
+        ...
+
+    async def close(self) -> None: ...

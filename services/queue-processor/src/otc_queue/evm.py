@@ -1,0 +1,276 @@
+"""EVM chains: reading an escrow's standing, EIP-1559 transactions signed with the escrow's key, broadcasts.
+
+The key of escrow `index` is derived from the seed on first use and kept in memory (never logged,
+never in an error message). The signing path reads the chain in two JSON-RPC batches: the latest
+block (base fee) and the suggested tip, then the escrow's balances and nonces at the latest block
+and at the newest block with the chain's threshold of confirmations.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from otc_common.addresses import evm_checksum_address
+from otc_common.registry import Chain
+from otc_common.signing_keys import Seed, escrow_private_key
+from otc_queue.backend import Sent, Signed
+from otc_queue.rpc import JsonRpc, RpcError, RpcUnavailable, as_int
+from otc_queue.rules import (
+    NATIVE_TRANSFER_GAS,
+    AccountAt,
+    Market,
+    Outflow,
+    Receipt,
+    Refused,
+    Seen,
+    TransferOrder,
+    TxPlan,
+    Wait,
+    confirmed_block,
+    plan_bump,
+    plan_payment,
+    spendable,
+)
+from otc_queue.store import InFlight
+
+TRANSFER_SELECTOR = bytes.fromhex("a9059cbb")
+BALANCE_OF_SELECTOR = "0x70a08231"
+#: JSON-RPC "method not found": nodes without eth_maxPriorityFeePerGas.
+METHOD_NOT_FOUND = -32601
+KEY_CACHE_SIZE = 4096
+
+
+def token_transfer_data(to: str, amount: int) -> bytes:
+    return TRANSFER_SELECTOR + bytes.fromhex(to[2:].lower().rjust(64, "0")) + amount.to_bytes(32, "big")
+
+
+def with_margin(gas: int) -> int:
+    """An estimate plus 20 %: the recipient's storage slot or a token's hooks may cost a little more."""
+    return gas * 6 // 5
+
+
+def classify(message: str) -> Sent:
+    """A broadcast error in the words geth, erigon, nethermind and anvil use."""
+    text = message.lower()
+    if "already known" in text or "already imported" in text or "known transaction" in text:
+        return Sent.KNOWN
+    if "nonce too low" in text or "nonce is too low" in text or "oldnonce" in text:
+        return Sent.SPENT
+    if "underpriced" in text or "fee too low" in text or "less than block base fee" in text or "tip too low" in text:
+        return Sent.UNDERPRICED
+    if "insufficient funds" in text:
+        return Sent.NO_FUNDS
+    return Sent.REJECTED
+
+
+class EvmReading(msgspec.Struct, frozen=True, kw_only=True):
+    tip: int
+    market: Market
+    states: list[AccountAt]
+    gas_limit: int
+
+
+class EvmBackend:
+    def __init__(self, chain: Chain, seed: Seed, rpc: JsonRpc) -> None:
+        assert chain.chain_id is not None
+        self.chain = chain
+        self.chain_id = chain.chain_id
+        self._seed = seed
+        self.rpc = rpc
+        self._keys: OrderedDict[int, LocalAccount] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"EvmBackend({self.chain.id})"
+
+    # ----------------------------------------------------------------- keys
+
+    def _account(self, index: int) -> LocalAccount:
+        account = self._keys.get(index)
+        if account is None:
+            account = Account.from_key(escrow_private_key(self._seed, self.chain.derivation_path, index))
+            self._keys[index] = account
+            if len(self._keys) > KEY_CACHE_SIZE:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(index)
+        return account
+
+    def escrow_address(self, index: int) -> str:
+        return str(self._account(index).address)
+
+    # ----------------------------------------------------------------- reading
+
+    def _token(self, order: TransferOrder) -> str | None:
+        asset = self.chain.assets[order.asset]
+        return None if asset.native else asset.contract
+
+    async def read(self, order: TransferOrder, *, estimate: bool) -> EvmReading | Wait:
+        sender = order.escrow_address
+        token = self._token(order)
+        first: list[tuple[str, list[Any]]] = [
+            ("eth_getBlockByNumber", ["latest", False]),
+            ("eth_maxPriorityFeePerGas", []),
+        ]
+        if token is not None and estimate:
+            call = {"from": sender, "to": token, "data": "0x" + token_transfer_data(order.to, order.amount).hex()}
+            first.append(("eth_estimateGas", [call, "latest"]))
+        answers = await self.rpc.batch(first)
+        block = answers[0]
+        if not isinstance(block, dict):
+            raise RpcUnavailable("eth_getBlockByNumber: no latest block")
+        tip = as_int(block.get("number"), "block number")
+        base_fee = as_int(block.get("baseFeePerGas") or "0x0", "base fee")
+        priority = await self._priority_fee(answers[1], base_fee)
+        gas_limit = NATIVE_TRANSFER_GAS
+        if token is not None and estimate:
+            if isinstance(answers[2], RpcError):
+                return Wait(f"the token transfer cannot be estimated yet: {answers[2].message}")
+            gas_limit = with_margin(as_int(answers[2], "gas estimate"))
+        confirmed = confirmed_block(tip, self.chain.confirmations)
+        if confirmed < 0:
+            return Wait("the chain is shorter than its confirmation threshold")
+        blocks = sorted({tip, confirmed})
+        second: list[tuple[str, list[Any]]] = []
+        for number in blocks:
+            tag = hex(number)
+            second += [("eth_getBalance", [sender, tag]), ("eth_getTransactionCount", [sender, tag])]
+            if token is not None:
+                data = BALANCE_OF_SELECTOR + sender[2:].lower().rjust(64, "0")
+                second.append(("eth_call", [{"to": token, "data": data}, tag]))
+        answers = await self.rpc.batch(second)
+        per_block = 3 if token is not None else 2
+        states = []
+        for i, number in enumerate(blocks):
+            part = answers[i * per_block : (i + 1) * per_block]
+            states.append(
+                AccountAt(
+                    block=number,
+                    native=as_int(part[0], "eth_getBalance"),
+                    nonce=as_int(part[1], "eth_getTransactionCount"),
+                    token=as_int(part[2], "balanceOf") if token is not None else 0,
+                )
+            )
+        return EvmReading(
+            tip=tip,
+            market=Market(base_fee=base_fee, priority_fee=priority),
+            states=states,
+            gas_limit=gas_limit,
+        )
+
+    async def _priority_fee(self, answer: Any, base_fee: int) -> int:
+        if not isinstance(answer, RpcError):
+            return as_int(answer, "eth_maxPriorityFeePerGas")
+        if answer.code != METHOD_NOT_FOUND:
+            raise answer
+        return max(0, as_int(await self.rpc.call("eth_gasPrice"), "eth_gasPrice") - base_fee)
+
+    # ----------------------------------------------------------------- signing
+
+    def _sign(self, order: TransferOrder, nonce: int, plan: TxPlan) -> Signed:
+        token = self._token(order)
+        if token is None:
+            to, data = evm_checksum_address(order.to), b""
+        else:
+            to, data = token, token_transfer_data(order.to, order.amount)
+        transaction: dict[str, Any] = {
+            "type": 2,
+            "chainId": self.chain_id,
+            "nonce": nonce,
+            "to": to,
+            "value": plan.value,
+            "gas": plan.gas_limit,
+            "maxFeePerGas": plan.max_fee,
+            "maxPriorityFeePerGas": plan.priority_fee,
+            "data": data,
+            "accessList": [],
+        }
+        signed = self._account(order.escrow_index).sign_transaction(transaction)
+        return Signed(txid="0x" + bytes(signed.hash).hex(), raw=bytes(signed.raw_transaction), nonce=nonce, plan=plan)
+
+    def sign_first(
+        self, order: TransferOrder, reading: EvmReading, outflows: Sequence[Outflow], next_nonce: int
+    ) -> Signed | Wait | Refused:
+        room_native, room_token = spendable(reading.states, outflows)
+        plan = plan_payment(
+            amount=order.amount,
+            native=self._token(order) is None,
+            fee_from_amount=order.fee_from_amount,
+            gas_limit=reading.gas_limit,
+            market=reading.market,
+            room_native=room_native,
+            room_token=room_token,
+        )
+        if not isinstance(plan, TxPlan):
+            return plan
+        # A nonce the chain has already passed was used by a transaction that is not ours; never reuse it.
+        latest_nonce = max(state.nonce for state in reading.states)
+        return self._sign(order, max(next_nonce, latest_nonce), plan)
+
+    def sign_replacement(
+        self, order: TransferOrder, nonce: int, last: TxPlan, reading: EvmReading, outflows: Sequence[Outflow]
+    ) -> Signed | Wait:
+        room_native, _ = spendable(reading.states, outflows)
+        plan = plan_bump(
+            last=last,
+            amount=order.amount,
+            native=self._token(order) is None,
+            fee_from_amount=order.fee_from_amount,
+            market=reading.market,
+            room_native=room_native,
+        )
+        if not isinstance(plan, TxPlan):
+            return plan
+        return self._sign(order, nonce, plan)
+
+    def amount_sent(self, order: TransferOrder, plan: TxPlan) -> int:
+        return plan.value if self._token(order) is None else order.amount
+
+    # ----------------------------------------------------------------- the network
+
+    async def send(self, raw: bytes) -> tuple[Sent, str]:
+        try:
+            await self.rpc.call("eth_sendRawTransaction", "0x" + raw.hex())
+        except RpcError as exc:
+            return classify(exc.message), exc.message
+        return Sent.ACCEPTED, ""
+
+    async def look(self, sender: str, transfers: Sequence[InFlight]) -> Seen:
+        txids = [c.txid for t in transfers for c in t.candidates]
+        calls: list[tuple[str, list[Any]]] = []
+        for txid in txids:
+            calls += [("eth_getTransactionReceipt", [txid]), ("eth_getTransactionByHash", [txid])]
+        # Last, so that the tip is never older than a receipt read before it.
+        calls += [("eth_getTransactionCount", [sender, "latest"]), ("eth_blockNumber", [])]
+        answers = await self.rpc.batch(calls)
+        receipts: dict[str, Receipt] = {}
+        known: set[str] = set()
+        for i, txid in enumerate(txids):
+            receipt, found = answers[2 * i], answers[2 * i + 1]
+            if isinstance(receipt, RpcError) or isinstance(found, RpcError):
+                raise RpcUnavailable(f"looking up {txid}: {receipt if isinstance(receipt, RpcError) else found}")
+            if isinstance(found, dict):
+                known.add(txid)
+            if isinstance(receipt, dict) and receipt.get("blockNumber") is not None:
+                receipts[txid] = Receipt(
+                    txid=txid,
+                    block_number=as_int(receipt["blockNumber"], "receipt block"),
+                    block_hash=str(receipt.get("blockHash") or ""),
+                    success=receipt.get("status") == "0x1",
+                    gas_used=as_int(receipt.get("gasUsed"), "gasUsed"),
+                    effective_gas_price=as_int(receipt.get("effectiveGasPrice"), "effectiveGasPrice"),
+                )
+        return Seen(
+            tip=as_int(answers[-1], "eth_blockNumber"),
+            account_nonce=as_int(answers[-2], "eth_getTransactionCount"),
+            receipts=receipts,
+            known=frozenset(known),
+        )
+
+    async def close(self) -> None:
+        await self.rpc.close()

@@ -1,0 +1,814 @@
+"""The shell around the rules: bus handlers, one worker per sending address, and a periodic sweep.
+
+Handlers only record (a command, a deal's addresses, a hint that a transaction moved) inside the
+inbox transaction and, once it has committed, wake the worker of the sender concerned. A worker
+does a sender's work one step at a time, so a sender's transfers are signed in arrival order and
+its nonces follow each other; different senders' workers run side by side.
+
+Signing a transfer: check it against the deal, read the chain, then in one transaction lock the
+sender, take its next nonce, sign, store the candidate and the TransferSubmitted event; only after
+the commit are the stored bytes broadcast. Everything after that (re-broadcasts, fee bumps,
+confirmations) works from the stored candidates and what the chain shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+from nats.aio.msg import Msg
+
+from otc_common import metrics as common_metrics
+from otc_common import subjects
+from otc_common.addresses import AddressError, evm_checksum_address, validate_utxo_address
+from otc_common.bus import Bus, ConsumerRunner, emit
+from otc_common.db import Connection, Pool
+from otc_common.keys import EscrowKeyring
+from otc_common.messages import (
+    AlertRaised,
+    Envelope,
+    EscrowAssigned,
+    Message,
+    Party,
+    PartyDetailsFilled,
+    PayoutCommand,
+    TransferConfirmed,
+    TransferFailed,
+    TransferProgress,
+    TransferSubmitted,
+    TxConfirmation,
+    stable_event_id,
+)
+from otc_common.registry import Chain, ChainKind, Registry
+from otc_common.runtime import Loop, Service
+from otc_common.settings import ConfigError
+from otc_common.signing_keys import Seed
+from otc_common.subjects import ConsumerSpec
+from otc_queue import metrics, rules, store
+from otc_queue.backend import ChainBackend, Sent, Signed
+from otc_queue.evm import EvmBackend
+from otc_queue.rpc import JsonRpc, RpcError, RpcUnavailable
+from otc_queue.rules import Allowed, ChainFacts, Missing, PartyFact, Refused, TransferOrder, Wait
+from otc_queue.settings import QueueSettings
+from otc_queue.store import InFlight, StoredCandidate
+
+log = logging.getLogger("otc.queue")
+
+SOURCE = "queue-processor"
+COMMANDS = ConsumerSpec(durable="queue-processor-commands", stream="QUEUE", filter_subjects=["otc.queue.cmd.>"])
+CONFIRMATIONS = ConsumerSpec(
+    durable="queue-processor-chain",
+    stream="CHAIN",
+    filter_subjects=[subjects.chain_event("*", "confirmation")],
+)
+DEALS = ConsumerSpec(durable="queue-processor-deals", stream="DEALS", filter_subjects=[subjects.ALL_DEALS])
+
+#: Failures a worker waits out: the sweep wakes it again.
+TRANSIENT = (RpcUnavailable, RpcError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+#: Deals whose facts are kept in memory (they are immutable once complete).
+DEAL_CACHE_SIZE = 10_000
+
+SenderKey = tuple[str, str]
+Touched = list[tuple[SenderKey, bool, bool]]
+TouchingHandler = Callable[[Connection, Envelope, Message, Touched], Awaitable[None]]
+
+
+def canonical_address(chain: Chain, text: str) -> str | None:
+    """One spelling per address, so a sender is one worker and one nonce row whatever the case."""
+    try:
+        if chain.kind is ChainKind.EVM:
+            return evm_checksum_address(text)
+        assert chain.hrp is not None
+        return validate_utxo_address(text.lower(), chain.hrp)
+    except (ValueError, AddressError):
+        return None
+
+
+class WakingRunner(ConsumerRunner):
+    """A consumer whose handler notes the senders it touched; they are woken after the commit."""
+
+    def __init__(self, bus: Bus, pool: Pool, spec: ConsumerSpec, handler: TouchingHandler, processor: Processor):
+        self._touched: Touched = []
+
+        async def run(conn: Connection, envelope: Envelope, message: Message) -> None:
+            await handler(conn, envelope, message, self._touched)
+
+        super().__init__(bus, pool, spec, run)
+        self._processor = processor
+
+    async def process(self, msg: Msg) -> None:
+        self._touched.clear()
+        try:
+            await super().process(msg)
+        finally:
+            for (chain, sender), sign, check in self._touched:
+                self._processor.wake(chain, sender, sign=sign, check=check)
+            self._touched.clear()
+
+
+class Worker:
+    """A sender's work, one step at a time: look after what is in flight, sign what is queued."""
+
+    def __init__(self, processor: Processor, chain: str, sender: str) -> None:
+        self.processor = processor
+        self.chain = chain
+        self.sender = sender
+        self.sign_due = False
+        self.check_due = False
+        self.task: asyncio.Task[None] | None = None
+
+    def poke(self, *, sign: bool, check: bool) -> None:
+        self.sign_due |= sign
+        self.check_due |= check
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self.run(), name=f"sender:{self.chain}:{self.sender}")
+
+    async def run(self) -> None:
+        try:
+            while (self.sign_due or self.check_due) and not self.processor.stopping:
+                # What is already signed goes first: after a restart, its stored bytes reach the node
+                # before anything signed at a higher nonce.
+                if self.check_due:
+                    self.check_due = False
+                    await self.processor.reconcile(self)
+                else:
+                    self.sign_due = False
+                    await self.processor.sign_queued(self)
+        except TRANSIENT as exc:
+            # The sweep wakes this sender again; nothing is lost, the database holds the state.
+            log.warning(
+                "sender work interrupted: %s",
+                exc,
+                extra={"chain": self.chain, "sender": self.sender, "error": type(exc).__name__},
+            )
+            self.sign_due = self.check_due = False
+        except Exception:
+            log.exception("sender work failed", extra={"chain": self.chain, "sender": self.sender})
+            self.sign_due = self.check_due = False
+        finally:
+            if not (self.sign_due or self.check_due):
+                self.processor.retire(self)
+
+
+class Processor:
+    def __init__(self, service: Service, settings: QueueSettings, seed: Seed) -> None:
+        self.service = service
+        self.settings = settings
+        self._seed = seed
+        self.backends: dict[str, ChainBackend] = {}
+        self.facts: dict[str, ChainFacts] = {}
+        self.workers: dict[SenderKey, Worker] = {}
+        self._waiting: dict[str, str] = {}
+        self._alerted: set[str] = set()
+        self._nonce_taken_since: dict[str, float] = {}
+        self._last_send: dict[str, Sent] = {}
+        self.stopping = False
+        self._deals: OrderedDict[SenderKey, tuple[rules.EscrowFact, dict[Party, PartyFact]]] = OrderedDict()
+
+    @property
+    def pool(self) -> Pool:
+        return self.service.db
+
+    @property
+    def registry(self) -> Registry:
+        assert self.service.registry is not None
+        return self.service.registry
+
+    # ----------------------------------------------------------------- start-up
+
+    async def start(self) -> None:
+        for chain in self.registry.chains.values():
+            self.facts[chain.id] = ChainFacts(
+                id=chain.id,
+                operator_address=chain.operator_address,
+                tank_address=chain.tank_address,
+                native_asset=chain.native_asset.symbol,
+                assets=frozenset(chain.assets),
+            )
+            if chain.kind is ChainKind.EVM:
+                assert chain.rpc is not None
+                backend = EvmBackend(chain, self._seed, JsonRpc(chain.id, chain.rpc, self.settings.rpc_timeout_seconds))
+                # The seed must be the one behind the registry's xpub, or every escrow check would fail.
+                expected = EscrowKeyring(chain.account_xpub, chain.derivation_path).evm_address(0)
+                if backend.escrow_address(0) != expected:
+                    raise ConfigError(f"OTC_SEED does not match the account_xpub of chain {chain.id}")
+                self.backends[chain.id] = backend
+        for spec, handler in (
+            (DEALS, self.on_deal),
+            (COMMANDS, self.on_command),
+            (CONFIRMATIONS, self.on_confirmation),
+        ):
+            await self.service.nats.provision_consumer(spec)
+            self.service.consumers.append(WakingRunner(self.service.nats, self.pool, spec, handler, self))
+        log.info("signing for chains", extra={"chains": sorted(self.backends)})
+
+    async def sweep(self, loop: Loop) -> None:
+        """Wakes every sender with work: retries waiting transfers, checks in-flight ones (and, at
+        start-up, re-broadcasts whatever was stored but not mined)."""
+        try:
+            while not self.stopping:
+                loop.beat()
+                try:
+                    for chain, sender in await store.senders_with_work(self.pool):
+                        self.wake(chain, sender, sign=True, check=True)
+                    ages = await store.oldest_open(self.pool)
+                    for chain_id in self.facts:
+                        metrics.OLDEST_UNCONFIRMED.labels(chain_id).set(ages.get(chain_id, 0.0))
+                except TRANSIENT as exc:
+                    log.warning("sweep failed: %s", exc)
+                await asyncio.sleep(self.settings.poll_seconds)
+        finally:
+            for backend in self.backends.values():
+                await backend.close()
+
+    def stop(self) -> None:
+        """On SIGTERM: no new steps; a step under way finishes or is cut off, the database decides which."""
+        self.stopping = True
+
+    def wake(self, chain: str, sender: str, *, sign: bool, check: bool) -> None:
+        if self.stopping:
+            return
+        key = (chain, sender)
+        worker = self.workers.get(key)
+        if worker is None:
+            worker = self.workers[key] = Worker(self, chain, sender)
+        worker.poke(sign=sign, check=check)
+
+    def retire(self, worker: Worker) -> None:
+        if self.workers.get((worker.chain, worker.sender)) is worker:
+            del self.workers[(worker.chain, worker.sender)]
+
+    # ----------------------------------------------------------------- alerts and notes
+
+    async def _alert_in(
+        self, conn: Connection, kind: str, detail: str, chain: str | None = None, deal_id: str | None = None
+    ) -> None:
+        """An alert published with the state change that caused it."""
+        common_metrics.ALERTS.labels(SOURCE, kind).inc()
+        log.error("alert %s: %s", kind, detail, extra={"chain": chain, "deal_id": deal_id})
+        await emit(
+            conn,
+            subjects.alert(SOURCE),
+            AlertRaised(source=SOURCE, kind=kind, detail=detail, chain=chain, deal_id=deal_id),
+        )
+
+    async def _alert_once(self, key: str, kind: str, detail: str, chain: str, deal_id: str | None = None) -> None:
+        if key in self._alerted:
+            return
+        self._alerted.add(key)
+        await self.service.nats.raise_alert(kind, detail, chain=chain, deal_id=deal_id)
+
+    async def _waits(self, row: asyncpg.Record, reason: str) -> None:
+        """A transfer that cannot be signed yet: logged when the reason changes, alerted if it lasts."""
+        transfer_id = row["transfer_id"]
+        if self._waiting.get(transfer_id) != reason:
+            self._waiting[transfer_id] = reason
+            log.info(
+                "waiting: %s",
+                reason,
+                extra={"transfer_id": transfer_id, "deal_id": row["deal_id"], "chain": row["chain"]},
+            )
+        waited = time.time() - row["received_at"].timestamp()
+        if waited > self.settings.stuck_alert_seconds:
+            await self._alert_once(
+                f"stuck:{transfer_id}",
+                "transfer_waiting",
+                f"{transfer_id} has waited {waited:.0f}s: {reason}",
+                row["chain"],
+                row["deal_id"],
+            )
+
+    # ----------------------------------------------------------------- bus handlers
+
+    async def on_command(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
+        if not isinstance(message, PayoutCommand):
+            return
+        chain = self.registry.chains.get(message.chain)
+        sender = canonical_address(chain, message.escrow_address) if chain is not None else None
+        received = datetime.now(UTC)
+        cmd = message if sender is None else _with_sender(message, sender)
+        if not await store.add_transfer(conn, cmd, envelope.occurred_at, received):
+            existing = await store.transfer(conn, message.transfer_id)
+            if existing is not None and store.order_of(existing) != _order(cmd):
+                await self._alert_in(
+                    conn,
+                    "conflicting_command",
+                    f"{message.transfer_id} commanded again with different terms; the first stands",
+                    message.chain,
+                    message.deal_id,
+                )
+            return
+        log.info(
+            "command received",
+            extra={
+                "transfer_id": message.transfer_id,
+                "deal_id": message.deal_id,
+                "chain": message.chain,
+                "purpose": message.purpose.value,
+                "amount": message.amount,
+            },
+        )
+        if chain is None or sender is None:
+            why = "unknown chain" if chain is None else "malformed escrow address"
+            await self._refuse_in(conn, _order(cmd), f"{why}: {message.chain} {message.escrow_address}")
+            return
+        touched.append(((chain.id, sender), True, False))
+
+    async def on_confirmation(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
+        if not isinstance(message, TxConfirmation):
+            return
+        owner = await store.candidate_owner(conn, message.chain, message.txid.lower())
+        if owner is None or owner["status"] != "SIGNED":
+            return
+        if message.confirmations > 0 and message.block_number is not None:
+            # Remembered so that, should a reorg unmine it, these same bytes go out again.
+            await store.note_mined(conn, message.txid.lower(), message.block_number, message.block_hash)
+        touched.append(((message.chain, owner["escrow_address"]), False, True))
+
+    async def on_deal(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
+        if isinstance(message, EscrowAssigned):
+            chain = self.registry.chains.get(message.chain)
+            address = canonical_address(chain, message.address) if chain is not None else None
+            if address is None:
+                log.warning("escrow on an unknown chain or malformed: ignored", extra={"deal_id": message.deal_id})
+                return
+            backend = self.backends.get(message.chain)
+            if backend is not None:
+                # Derives the key now, so that the payout does not wait for it.
+                backend.escrow_address(message.escrow_index)
+            differs = await store.add_escrow(conn, _with_address(message, address))
+            if differs is not None:
+                await self._alert_in(
+                    conn,
+                    "conflicting_deal_event",
+                    f"escrow {address} announced again with different terms; the first stands",
+                    message.chain,
+                    message.deal_id,
+                )
+        elif isinstance(message, PartyDetailsFilled):
+            if await store.add_party(conn, message) is not None:
+                await self._alert_in(
+                    conn,
+                    "conflicting_deal_event",
+                    f"{message.party.value} details announced again with different addresses; the first stand",
+                    deal_id=message.deal_id,
+                )
+        else:
+            return
+        for key in await store.open_senders_of_deal(conn, message.deal_id):
+            touched.append((key, True, False))
+
+    # ----------------------------------------------------------------- signing
+
+    async def sign_queued(self, worker: Worker) -> None:
+        backend = self.backends.get(worker.chain)
+        while True:
+            row = await store.head_queued(self.pool, worker.chain, worker.sender)
+            if row is None:
+                return
+            if backend is None:
+                await self._waits(row, f"no signer for {worker.chain} in this build")
+                return
+            if not await self._sign_one(backend, row, worker):
+                return
+
+    async def _sign_one(self, backend: ChainBackend, row: asyncpg.Record, worker: Worker) -> bool:
+        """Signs and broadcasts the sender's next transfer; False when it has to wait."""
+        started = time.time()
+        order = store.order_of(row)
+        chain = backend.chain
+        escrow, parties = await self._deal_facts(chain.id, order.escrow_address)
+        verdict = rules.check_transfer(
+            order, backend.escrow_address(order.escrow_index), escrow, parties, self.facts[chain.id]
+        )
+        if isinstance(verdict, Allowed) and canonical_address(chain, order.to) is None:
+            verdict = Refused(f"{order.to} is not a valid address on {chain.id}")
+        if isinstance(verdict, Missing):
+            await self._waits(row, verdict.reason)
+            return False
+        if isinstance(verdict, Refused):
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self._refuse_in(conn, order, verdict.reason)
+            return True
+        assert isinstance(verdict, Allowed)
+        checked = time.time()
+        reading = await backend.read(order, estimate=True)
+        if isinstance(reading, Wait):
+            await self._waits(row, reading.reason)
+            return False
+        read = time.time()
+        async with self.pool.acquire() as conn, conn.transaction():
+            next_nonce = await store.lock_sender(conn, chain.id, order.escrow_address)
+            current = await store.lock_transfer(conn, order.transfer_id)
+            if current is None or current["status"] != "QUEUED":
+                return True
+            book = await store.outflows(conn, chain.id, order.escrow_address, order.asset)
+            signed = backend.sign_first(order, reading, book, next_nonce)
+            if isinstance(signed, Wait):
+                await self._waits(row, signed.reason)
+                return False
+            if isinstance(signed, Refused):
+                await self._fail_in(conn, order, signed.reason, alert=False)
+                return True
+            await store.record_signed(
+                conn,
+                order.transfer_id,
+                chain.id,
+                order.escrow_address,
+                signed.nonce,
+                signed.txid,
+                signed.raw,
+                signed.plan,
+                datetime.now(UTC),
+            )
+            await emit(
+                conn,
+                subjects.queue_result(chain.id),
+                TransferSubmitted(
+                    transfer_id=order.transfer_id,
+                    deal_id=order.deal_id,
+                    chain=chain.id,
+                    txid=signed.txid,
+                    candidates=[signed.txid],
+                ),
+                event_id=stable_event_id("queue", "submitted", order.transfer_id, 0),
+            )
+        stored = time.time()
+        self._waiting.pop(order.transfer_id, None)
+        if self.settings.test_crash_after_sign:
+            os.kill(os.getpid(), signal.SIGKILL)
+        outcome, words = await backend.send(signed.raw)
+        sent = time.time()
+        since_command = sent - row["received_at"].timestamp()
+        metrics.COMMAND_TO_BROADCAST.labels(chain.id).observe(since_command)
+        metrics.SUBMITTED.labels(chain.id).inc()
+        log.info(
+            "broadcast",
+            extra={
+                "transfer_id": order.transfer_id,
+                "deal_id": order.deal_id,
+                "chain": chain.id,
+                "txid": signed.txid,
+                "nonce": signed.nonce,
+                "outcome": outcome.value,
+                "command_to_broadcast_ms": round(since_command * 1000, 2),
+                "event_to_broadcast_ms": round((sent - row["commanded_at"].timestamp()) * 1000, 2),
+                "stages_ms": {
+                    "waited": round((started - row["received_at"].timestamp()) * 1000, 2),
+                    "check": round((checked - started) * 1000, 2),
+                    "read": round((read - checked) * 1000, 2),
+                    "store": round((stored - read) * 1000, 2),
+                    "send": round((sent - stored) * 1000, 2),
+                },
+            },
+        )
+        if signed.nonce != next_nonce:
+            await self._alert_once(
+                f"nonce:{chain.id}:{order.escrow_address}:{next_nonce}",
+                "foreign_transaction",
+                f"escrow {order.escrow_address} on {chain.id} used nonces {next_nonce}..{signed.nonce - 1} "
+                "in transactions this queue never signed",
+                chain.id,
+                order.deal_id,
+            )
+        if outcome not in (Sent.ACCEPTED, Sent.KNOWN):
+            log.warning(
+                "broadcast not accepted: %s",
+                words,
+                extra={"transfer_id": order.transfer_id, "chain": chain.id, "txid": signed.txid},
+            )
+            worker.check_due = True
+        return True
+
+    async def _deal_facts(self, chain: str, address: str) -> tuple[rules.EscrowFact | None, dict[Party, PartyFact]]:
+        """The deal facts of an escrow; kept in memory once complete, since they never change after."""
+        key = (chain, address)
+        cached = self._deals.get(key)
+        if cached is not None:
+            self._deals.move_to_end(key)
+            return cached
+        escrow, parties = await store.deal_facts(self.pool, chain, address)
+        if escrow is not None and all(
+            p in parties and parties[p].payback_address and parties[p].recipient_address for p in Party
+        ):
+            self._deals[key] = (escrow, parties)
+            if len(self._deals) > DEAL_CACHE_SIZE:
+                self._deals.popitem(last=False)
+        return escrow, parties
+
+    async def _refuse_in(self, conn: Connection, order: TransferOrder, reason: str) -> None:
+        await self._fail_in(conn, order, reason, alert=True)
+
+    async def _fail_in(self, conn: Connection, order: TransferOrder, reason: str, *, alert: bool) -> None:
+        """A refused command: never signed, never retried (a dust return is refused without an alert)."""
+        if not await store.fail(conn, order.transfer_id, reason, "QUEUED"):
+            return
+        await emit(
+            conn,
+            subjects.queue_result(order.chain),
+            TransferFailed(
+                transfer_id=order.transfer_id, deal_id=order.deal_id, chain=order.chain, reason=reason, retryable=False
+            ),
+            event_id=stable_event_id("queue", "failed", order.transfer_id),
+        )
+        if alert:
+            await self._alert_in(conn, "payout_refused", f"{order.transfer_id}: {reason}", order.chain, order.deal_id)
+        else:
+            log.info("not sent: %s", reason, extra={"transfer_id": order.transfer_id, "chain": order.chain})
+        metrics.FAILED.labels(order.chain, "false").inc()
+        self._waiting.pop(order.transfer_id, None)
+
+    # ----------------------------------------------------------------- after broadcast
+
+    async def reconcile(self, worker: Worker) -> None:
+        backend = self.backends.get(worker.chain)
+        if backend is None:
+            return
+        flights = await store.in_flight(self.pool, worker.chain, worker.sender)
+        flights = [f for f in flights if f.candidates]
+        if not flights:
+            return
+        seen = await backend.look(worker.sender, flights)
+        now = time.time()
+        first_unmined = True
+        for flight in flights:
+            action = rules.next_action(
+                [c.view() for c in flight.candidates],
+                flight.nonce,
+                seen,
+                threshold=backend.chain.confirmations,
+                now=now,
+                bump_after=self.settings.bump_after_seconds,
+                first_unmined=first_unmined,
+            )
+            if isinstance(action, rules.Confirm):
+                await self._confirm(backend, flight, action.receipt, action.confirmations)
+                continue
+            if isinstance(action, rules.Mined):
+                await self._progress(flight, action.receipt, action.confirmations)
+                continue
+            first_unmined = False
+            if isinstance(action, rules.Rebroadcast):
+                await self._rebroadcast(backend, flight, action)
+            elif isinstance(action, rules.Bump):
+                await self._bump(backend, flight)
+            elif isinstance(action, rules.NonceTaken):
+                await self._nonce_taken(backend.chain.id, flight, now)
+
+    async def _nonce_taken(self, chain: str, flight: InFlight, now: float) -> None:
+        """Briefly this is a receipt not visible yet; for longer, a transaction not ours used the nonce."""
+        transfer_id = flight.order.transfer_id
+        first = self._nonce_taken_since.setdefault(transfer_id, now)
+        if now - first > max(30.0, 5 * self.settings.poll_seconds):
+            await self._alert_once(
+                f"nonce-taken:{transfer_id}",
+                "nonce_used_elsewhere",
+                f"{transfer_id}: nonce {flight.nonce} is used but none of its candidates was mined",
+                chain,
+                flight.order.deal_id,
+            )
+
+    async def _progress(self, flight: InFlight, receipt: rules.Receipt, confirmations: int) -> None:
+        order = flight.order
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await store.set_standing(conn, order.transfer_id, receipt.txid, receipt.block_number, confirmations):
+                return
+            await store.note_mined(conn, receipt.txid, receipt.block_number, receipt.block_hash)
+            await emit(
+                conn,
+                subjects.queue_result(order.chain),
+                TransferProgress(
+                    transfer_id=order.transfer_id,
+                    deal_id=order.deal_id,
+                    chain=order.chain,
+                    txid=receipt.txid,
+                    confirmations=confirmations,
+                ),
+                event_id=stable_event_id(
+                    "queue", "progress", order.transfer_id, receipt.txid, receipt.block_hash, confirmations
+                ),
+            )
+
+    async def _confirm(
+        self, backend: ChainBackend, flight: InFlight, receipt: rules.Receipt, confirmations: int
+    ) -> None:
+        order = flight.order
+        mined = next(c for c in flight.candidates if c.txid == receipt.txid)
+        amount_sent = backend.amount_sent(order, mined.plan) if receipt.success else 0
+        reason = None if receipt.success else f"reverted on chain: {receipt.txid} in block {receipt.block_number}"
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await store.confirm(
+                conn,
+                order.transfer_id,
+                txid=receipt.txid,
+                block_number=receipt.block_number,
+                confirmations=confirmations,
+                amount_sent=amount_sent,
+                fee_paid=receipt.fee,
+                success=receipt.success,
+                reason=reason,
+            )
+            if not done:
+                return
+            await store.note_mined(conn, receipt.txid, receipt.block_number, receipt.block_hash)
+            result: Message
+            if receipt.success:
+                result = TransferConfirmed(
+                    transfer_id=order.transfer_id,
+                    deal_id=order.deal_id,
+                    chain=order.chain,
+                    txid=receipt.txid,
+                    block_number=receipt.block_number,
+                    confirmations=confirmations,
+                    amount_sent=amount_sent,
+                    fee_paid=receipt.fee,
+                )
+                event_id = stable_event_id("queue", "confirmed", order.transfer_id)
+            else:
+                # The nonce and the fee are spent; sending the same again would fail the same way.
+                assert reason is not None
+                result = TransferFailed(
+                    transfer_id=order.transfer_id,
+                    deal_id=order.deal_id,
+                    chain=order.chain,
+                    reason=reason,
+                    retryable=False,
+                )
+                event_id = stable_event_id("queue", "failed", order.transfer_id)
+                detail = f"{order.transfer_id}: {reason}"
+                await self._alert_in(conn, "payout_reverted", detail, order.chain, order.deal_id)
+            await emit(conn, subjects.queue_result(order.chain), result, event_id=event_id)
+        self._nonce_taken_since.pop(order.transfer_id, None)
+        for candidate in flight.candidates:
+            self._last_send.pop(candidate.txid, None)
+        first_signed = flight.candidates[0].signed_at.timestamp()
+        metrics.BROADCAST_TO_CONFIRMED.labels(order.chain).observe(max(0.0, time.time() - first_signed))
+        if receipt.success:
+            metrics.CONFIRMED.labels(order.chain).inc()
+        else:
+            metrics.FAILED.labels(order.chain, "false").inc()
+        log.info(
+            "confirmed" if receipt.success else "reverted",
+            extra={
+                "transfer_id": order.transfer_id,
+                "deal_id": order.deal_id,
+                "chain": order.chain,
+                "txid": receipt.txid,
+                "block_number": receipt.block_number,
+                "amount_sent": amount_sent,
+                "fee_paid": receipt.fee,
+                "candidates": len(flight.candidates),
+            },
+        )
+
+    async def _rebroadcast(self, backend: ChainBackend, flight: InFlight, action: rules.Rebroadcast) -> None:
+        order = flight.order
+        target = next(c for c in flight.candidates if c.txid == action.txid)
+        outcome, words = await backend.send(target.raw)
+        why = "reorg" if action.reorged else "not_known"
+        metrics.REBROADCASTS.labels(order.chain, why).inc()
+        # Logged after a reorg, or when the node's answer changes: a refusal repeats every sweep.
+        if action.reorged or self._last_send.get(target.txid) != outcome:
+            self._last_send[target.txid] = outcome
+            log.info(
+                "re-broadcast stored transaction",
+                extra={
+                    "transfer_id": order.transfer_id,
+                    "chain": order.chain,
+                    "txid": target.txid,
+                    "why": why,
+                    "outcome": outcome.value,
+                    "detail": words,
+                },
+            )
+        if outcome in (Sent.ACCEPTED, Sent.KNOWN):
+            if action.reorged:
+                await self._unmined(flight, target)
+            return
+        if outcome is Sent.SPENT:
+            return
+        if outcome is Sent.UNDERPRICED:
+            if target.txid != flight.newest.txid:
+                outcome, words = await backend.send(flight.newest.raw)
+                if outcome in (Sent.ACCEPTED, Sent.KNOWN, Sent.SPENT):
+                    return
+            await self._bump(backend, flight)
+            return
+        await self._alert_once(
+            f"send:{target.txid}:{outcome.value}",
+            "broadcast_refused",
+            f"{order.transfer_id}: the node refuses {target.txid}: {words}",
+            order.chain,
+            order.deal_id,
+        )
+
+    async def _unmined(self, flight: InFlight, candidate: StoredCandidate) -> None:
+        order = flight.order
+        async with self.pool.acquire() as conn, conn.transaction():
+            await store.note_mined(conn, candidate.txid, None, None)
+            if await store.set_standing(conn, order.transfer_id, candidate.txid, None, 0):
+                await emit(
+                    conn,
+                    subjects.queue_result(order.chain),
+                    TransferProgress(
+                        transfer_id=order.transfer_id,
+                        deal_id=order.deal_id,
+                        chain=order.chain,
+                        txid=candidate.txid,
+                        confirmations=0,
+                    ),
+                    event_id=stable_event_id("queue", "unmined", order.transfer_id, candidate.txid, time.time()),
+                )
+
+    async def _bump(self, backend: ChainBackend, flight: InFlight) -> None:
+        """Replaces the newest candidate at the same nonce with higher fees; stored before it is sent."""
+        order = flight.order
+        chain = backend.chain
+        reading = await backend.read(order, estimate=False)
+        if isinstance(reading, Wait):
+            await self._waits(flight.row, reading.reason)
+            return
+        signed: Signed | Wait
+        async with self.pool.acquire() as conn, conn.transaction():
+            await store.lock_sender(conn, chain.id, order.escrow_address)
+            current = await store.lock_transfer(conn, order.transfer_id)
+            if current is None or current["status"] != "SIGNED":
+                return
+            stored = await store.candidates(conn, order.transfer_id)
+            if not stored or stored[-1].txid != flight.newest.txid:
+                return
+            book = await store.outflows(conn, chain.id, order.escrow_address, order.asset, exclude=order.transfer_id)
+            signed = backend.sign_replacement(order, flight.nonce, stored[-1].plan, reading, book)
+            if isinstance(signed, Wait):
+                await self._alert_once(
+                    f"bump:{order.transfer_id}:{stored[-1].seq}",
+                    "fee_bump_impossible",
+                    f"{order.transfer_id}: {signed.reason}",
+                    chain.id,
+                    order.deal_id,
+                )
+                return
+            seq = stored[-1].seq + 1
+            await store.add_candidate(
+                conn, order.transfer_id, seq, signed.txid, signed.raw, signed.plan, datetime.now(UTC)
+            )
+            await emit(
+                conn,
+                subjects.queue_result(chain.id),
+                TransferSubmitted(
+                    transfer_id=order.transfer_id,
+                    deal_id=order.deal_id,
+                    chain=chain.id,
+                    txid=signed.txid,
+                    candidates=[c.txid for c in stored] + [signed.txid],
+                ),
+                event_id=stable_event_id("queue", "submitted", order.transfer_id, seq),
+            )
+        metrics.BUMPS.labels(chain.id).inc()
+        outcome, words = await backend.send(signed.raw)
+        log.info(
+            "fee bumped",
+            extra={
+                "transfer_id": order.transfer_id,
+                "chain": chain.id,
+                "txid": signed.txid,
+                "replaces": stored[-1].txid,
+                "nonce": flight.nonce,
+                "max_fee": signed.plan.max_fee,
+                "priority_fee": signed.plan.priority_fee,
+                "outcome": outcome.value,
+                "detail": words,
+            },
+        )
+
+
+def _order(cmd: PayoutCommand) -> TransferOrder:
+    return TransferOrder(
+        transfer_id=cmd.transfer_id,
+        deal_id=cmd.deal_id,
+        chain=cmd.chain,
+        asset=cmd.asset,
+        escrow_address=cmd.escrow_address,
+        escrow_index=cmd.escrow_index,
+        to=cmd.to,
+        amount=cmd.amount,
+        purpose=cmd.purpose,
+        fee_from_amount=cmd.fee_from_amount,
+    )
+
+
+def _with_sender(cmd: PayoutCommand, sender: str) -> PayoutCommand:
+    return msgspec.structs.replace(cmd, escrow_address=sender)
+
+
+def _with_address(msg: EscrowAssigned, address: str) -> EscrowAssigned:
+    return msgspec.structs.replace(msg, address=address)

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated
+
+import msgspec
+
+from otc_common.settings import BaseSettings, ConfigError, read_secret
+from otc_common.signing_keys import Seed, load_seed
+
+
+class QueueSettings(BaseSettings, frozen=True, kw_only=True):
+    bump_after_seconds: Annotated[
+        float, msgspec.Meta(gt=0, le=86_400, description="raise the fees of a transaction not mined after this long")
+    ] = 30.0
+    poll_seconds: Annotated[
+        float,
+        # At most 60: the sweep's heartbeat is what the liveness probe watches.
+        msgspec.Meta(gt=0, le=60, description="how often waiting and in-flight transfers are looked at again"),
+    ] = 2.0
+    rpc_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    stuck_alert_seconds: Annotated[
+        float, msgspec.Meta(gt=0, description="alert when a transfer has waited this long to be signed")
+    ] = 600.0
+    #: Test-only: die by SIGKILL right after a signed transaction is committed and before it is broadcast.
+    test_crash_after_sign: bool = False
+
+
+def load_signing_seed(environ: Mapping[str, str] | None = None) -> Seed:
+    """The seed from OTC_SEED_FILE or OTC_SEED; ConfigError with a message that never quotes it."""
+    environ = os.environ if environ is None else environ
+    secret = read_secret(environ.get("OTC_SEED"), environ.get("OTC_SEED_FILE"), "OTC_SEED")
+    try:
+        return load_seed(secret)
+    except ValueError as exc:
+        raise ConfigError(f"OTC_SEED is malformed: {exc}") from None

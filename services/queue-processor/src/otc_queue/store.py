@@ -1,0 +1,418 @@
+"""All of the queue processor's SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from otc_common.db import Connection, Pool
+from otc_common.messages import EscrowAssigned, Party, PartyDetailsFilled, PayoutCommand, TransferPurpose
+from otc_queue.rules import Candidate, EscrowFact, Outflow, PartyFact, TransferOrder, TxPlan
+
+# --------------------------------------------------------------------------- the deal's own copy
+
+
+async def add_escrow(conn: Connection, msg: EscrowAssigned) -> asyncpg.Record | None:
+    """Stores the escrow; returns the row already there when it differs (the first one stays)."""
+    await conn.execute(
+        """INSERT INTO deal_escrows (chain, address, deal_id, party, asset, escrow_index)
+           VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (chain, address) DO NOTHING""",
+        msg.chain,
+        msg.address,
+        msg.deal_id,
+        msg.party.value,
+        msg.asset,
+        msg.escrow_index,
+    )
+    row = await conn.fetchrow("SELECT * FROM deal_escrows WHERE chain = $1 AND address = $2", msg.chain, msg.address)
+    assert row is not None
+    same = (row["deal_id"], row["party"], row["asset"], row["escrow_index"]) == (
+        msg.deal_id,
+        msg.party.value,
+        msg.asset,
+        msg.escrow_index,
+    )
+    return None if same else row
+
+
+async def add_party(conn: Connection, msg: PartyDetailsFilled) -> asyncpg.Record | None:
+    """Party details are filled once; a different second version is returned, never stored.
+
+    A version without addresses (from a producer older than the fields) decides nothing and is
+    completed by the first one that has them.
+    """
+    await conn.execute(
+        """INSERT INTO deal_parties (deal_id, party, payback_address, recipient_address)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (deal_id, party) DO UPDATE
+               SET payback_address = EXCLUDED.payback_address, recipient_address = EXCLUDED.recipient_address
+               WHERE deal_parties.payback_address = '' AND deal_parties.recipient_address = ''""",
+        msg.deal_id,
+        msg.party.value,
+        msg.payback_address,
+        msg.recipient_address,
+    )
+    row = await conn.fetchrow(
+        "SELECT * FROM deal_parties WHERE deal_id = $1 AND party = $2", msg.deal_id, msg.party.value
+    )
+    assert row is not None
+    incoming = (msg.payback_address, msg.recipient_address)
+    same = incoming in (("", ""), (row["payback_address"], row["recipient_address"]))
+    return None if same else row
+
+
+async def deal_facts(
+    conn: Connection | Pool, chain: str, address: str
+) -> tuple[EscrowFact | None, dict[Party, PartyFact]]:
+    """The escrow at `address` and the parties of its deal, in one round trip."""
+    rows = await conn.fetch(
+        """SELECT e.deal_id, e.party AS escrow_party, e.asset, e.escrow_index,
+                  p.party, p.payback_address, p.recipient_address
+           FROM deal_escrows e LEFT JOIN deal_parties p ON p.deal_id = e.deal_id
+           WHERE e.chain = $1 AND e.address = $2""",
+        chain,
+        address,
+    )
+    if not rows:
+        return None, {}
+    first = rows[0]
+    escrow = EscrowFact(
+        deal_id=first["deal_id"],
+        party=Party(first["escrow_party"]),
+        chain=chain,
+        asset=first["asset"],
+        address=address,
+        escrow_index=first["escrow_index"],
+    )
+    parties = {
+        Party(row["party"]): PartyFact(
+            party=Party(row["party"]),
+            payback_address=row["payback_address"],
+            recipient_address=row["recipient_address"],
+        )
+        for row in rows
+        if row["party"] is not None
+    }
+    return escrow, parties
+
+
+async def open_senders_of_deal(conn: Connection, deal_id: str) -> list[tuple[str, str]]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT chain, escrow_address FROM transfers WHERE deal_id = $1 AND status = 'QUEUED'", deal_id
+    )
+    return [(row["chain"], row["escrow_address"]) for row in rows]
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+def order_of(row: asyncpg.Record) -> TransferOrder:
+    return TransferOrder(
+        transfer_id=row["transfer_id"],
+        deal_id=row["deal_id"],
+        chain=row["chain"],
+        asset=row["asset"],
+        escrow_address=row["escrow_address"],
+        escrow_index=row["escrow_index"],
+        to=row["to_address"],
+        amount=int(row["amount"]),
+        purpose=TransferPurpose(row["purpose"]),
+        fee_from_amount=row["fee_from_amount"],
+    )
+
+
+async def add_transfer(conn: Connection, cmd: PayoutCommand, commanded_at: datetime, received_at: datetime) -> bool:
+    """True when the command is new; a repeated transfer id changes nothing."""
+    inserted = await conn.fetchval(
+        """INSERT INTO transfers (transfer_id, deal_id, chain, asset, escrow_address, escrow_index, to_address,
+                                  amount, purpose, fee_from_amount, phase, commanded_at, received_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+           ON CONFLICT (transfer_id) DO NOTHING RETURNING true""",
+        cmd.transfer_id,
+        cmd.deal_id,
+        cmd.chain,
+        cmd.asset,
+        cmd.escrow_address,
+        cmd.escrow_index,
+        cmd.to,
+        cmd.amount,
+        cmd.purpose.value,
+        cmd.fee_from_amount,
+        cmd.phase,
+        commanded_at,
+        received_at,
+    )
+    return bool(inserted)
+
+
+async def transfer(conn: Connection | Pool, transfer_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM transfers WHERE transfer_id = $1", transfer_id)
+
+
+async def lock_transfer(conn: Connection, transfer_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM transfers WHERE transfer_id = $1 FOR UPDATE", transfer_id)
+
+
+async def head_queued(conn: Connection | Pool, chain: str, sender: str) -> asyncpg.Record | None:
+    """The sender's oldest transfer not signed yet: a sender's transfers are signed in arrival order."""
+    return await conn.fetchrow(
+        """SELECT * FROM transfers WHERE chain = $1 AND escrow_address = $2 AND status = 'QUEUED'
+           ORDER BY received_at, transfer_id LIMIT 1""",
+        chain,
+        sender,
+    )
+
+
+async def fail(conn: Connection, transfer_id: str, reason: str, from_status: str) -> bool:
+    done = await conn.fetchval(
+        """UPDATE transfers SET status = 'FAILED', reason = $2, finished_at = now()
+           WHERE transfer_id = $1 AND status = $3 RETURNING true""",
+        transfer_id,
+        reason,
+        from_status,
+    )
+    return bool(done)
+
+
+async def senders_with_work(conn: Connection | Pool) -> list[tuple[str, str]]:
+    rows = await conn.fetch("SELECT DISTINCT chain, escrow_address FROM transfers WHERE status IN ('QUEUED', 'SIGNED')")
+    return [(row["chain"], row["escrow_address"]) for row in rows]
+
+
+async def oldest_open(conn: Connection | Pool) -> dict[str, float]:
+    """Per chain, the age in seconds of the oldest transfer not yet confirmed or refused."""
+    rows = await conn.fetch(
+        """SELECT chain, extract(epoch FROM now() - min(received_at))::float8 AS age
+           FROM transfers WHERE status IN ('QUEUED', 'SIGNED') GROUP BY chain"""
+    )
+    return {row["chain"]: float(row["age"]) for row in rows}
+
+
+# --------------------------------------------------------------------------- nonces and candidates
+
+
+async def lock_sender(conn: Connection, chain: str, sender: str) -> int:
+    """The sender's next nonce, its row locked until the transaction ends (created on first use)."""
+    value = await conn.fetchval(
+        """INSERT INTO senders (chain, address) VALUES ($1, $2)
+           ON CONFLICT (chain, address) DO UPDATE SET next_nonce = senders.next_nonce
+           RETURNING next_nonce""",
+        chain,
+        sender,
+    )
+    return int(value)
+
+
+async def outflows(conn: Connection, chain: str, sender: str, asset: str, exclude: str | None = None) -> list[Outflow]:
+    """What the sender's signed, unconfirmed transfers can still take: each at its dearest candidate."""
+    rows = await conn.fetch(
+        """SELECT t.nonce, t.asset, t.amount, max(c.value + c.gas_limit * c.max_fee) AS native
+           FROM transfers t JOIN candidates c USING (transfer_id)
+           WHERE t.chain = $1 AND t.escrow_address = $2 AND t.status = 'SIGNED'
+             AND t.transfer_id IS DISTINCT FROM $3
+           GROUP BY t.transfer_id""",
+        chain,
+        sender,
+        exclude,
+    )
+    return [
+        Outflow(
+            nonce=row["nonce"],
+            native=int(row["native"]),
+            # Token amounts count only against the same token (a native value is already in `native`).
+            token=int(row["amount"]) if row["asset"] == asset else 0,
+        )
+        for row in rows
+    ]
+
+
+async def add_candidate(
+    conn: Connection, transfer_id: str, seq: int, txid: str, raw: bytes, plan: TxPlan, signed_at: datetime
+) -> None:
+    await conn.execute(
+        """INSERT INTO candidates (txid, transfer_id, seq, raw, value, gas_limit, max_fee, priority_fee, signed_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+        txid,
+        transfer_id,
+        seq,
+        raw,
+        plan.value,
+        plan.gas_limit,
+        plan.max_fee,
+        plan.priority_fee,
+        signed_at,
+    )
+
+
+async def record_signed(
+    conn: Connection,
+    transfer_id: str,
+    chain: str,
+    sender: str,
+    nonce: int,
+    txid: str,
+    raw: bytes,
+    plan: TxPlan,
+    at: datetime,
+) -> None:
+    """The first candidate, the transfer's nonce and the sender's next one, in one statement."""
+    await conn.execute(
+        """WITH candidate AS (
+               INSERT INTO candidates (txid, transfer_id, seq, raw, value, gas_limit, max_fee, priority_fee, signed_at)
+               VALUES ($5, $1, 0, $6, $7, $8, $9, $10, $11)
+           ), signed AS (
+               UPDATE transfers SET status = 'SIGNED', nonce = $4, signed_at = $11 WHERE transfer_id = $1
+           )
+           UPDATE senders SET next_nonce = $4 + 1 WHERE chain = $2 AND address = $3""",
+        transfer_id,
+        chain,
+        sender,
+        nonce,
+        txid,
+        raw,
+        plan.value,
+        plan.gas_limit,
+        plan.max_fee,
+        plan.priority_fee,
+        at,
+    )
+
+
+class StoredCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    txid: str
+    seq: int
+    raw: bytes
+    plan: TxPlan
+    signed_at: datetime
+    mined_block: int | None
+
+    def view(self) -> Candidate:
+        return Candidate(
+            txid=self.txid, seq=self.seq, signed_at=self.signed_at.timestamp(), was_mined=self.mined_block is not None
+        )
+
+
+class InFlight(msgspec.Struct, frozen=True, kw_only=True):
+    row: asyncpg.Record
+    candidates: list[StoredCandidate]
+
+    @property
+    def order(self) -> TransferOrder:
+        return order_of(self.row)
+
+    @property
+    def nonce(self) -> int:
+        return int(self.row["nonce"])
+
+    @property
+    def newest(self) -> StoredCandidate:
+        return self.candidates[-1]
+
+
+def _candidate(row: asyncpg.Record) -> StoredCandidate:
+    return StoredCandidate(
+        txid=row["txid"],
+        seq=row["seq"],
+        raw=bytes(row["raw"]),
+        plan=TxPlan(
+            value=int(row["value"]),
+            gas_limit=row["gas_limit"],
+            max_fee=int(row["max_fee"]),
+            priority_fee=int(row["priority_fee"]),
+        ),
+        signed_at=row["signed_at"],
+        mined_block=row["mined_block"],
+    )
+
+
+async def candidates(conn: Connection | Pool, transfer_id: str) -> list[StoredCandidate]:
+    rows = await conn.fetch("SELECT * FROM candidates WHERE transfer_id = $1 ORDER BY seq", transfer_id)
+    return [_candidate(row) for row in rows]
+
+
+async def in_flight(conn: Connection | Pool, chain: str, sender: str) -> list[InFlight]:
+    """The sender's signed, unconfirmed transfers in nonce order, each with its candidates."""
+    rows = await conn.fetch(
+        """SELECT * FROM transfers WHERE chain = $1 AND escrow_address = $2 AND status = 'SIGNED'
+           ORDER BY nonce""",
+        chain,
+        sender,
+    )
+    if not rows:
+        return []
+    found = await conn.fetch(
+        "SELECT * FROM candidates WHERE transfer_id = ANY($1::text[]) ORDER BY seq",
+        [row["transfer_id"] for row in rows],
+    )
+    by_transfer: dict[str, list[StoredCandidate]] = {}
+    for row in found:
+        by_transfer.setdefault(row["transfer_id"], []).append(_candidate(row))
+    return [InFlight(row=row, candidates=by_transfer.get(row["transfer_id"], [])) for row in rows]
+
+
+async def candidate_owner(conn: Connection, chain: str, txid: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """SELECT c.transfer_id, c.mined_block, t.escrow_address, t.status
+           FROM candidates c JOIN transfers t USING (transfer_id) WHERE c.txid = $1 AND t.chain = $2""",
+        txid,
+        chain,
+    )
+
+
+async def note_mined(conn: Connection, txid: str, block_number: int | None, block_hash: str | None) -> None:
+    await conn.execute(
+        "UPDATE candidates SET mined_block = $2, mined_hash = $3 WHERE txid = $1", txid, block_number, block_hash
+    )
+
+
+async def set_standing(
+    conn: Connection, transfer_id: str, txid: str | None, block_number: int | None, confirmations: int
+) -> bool:
+    """Records where the transfer stands; False when that is what was already recorded."""
+    changed = await conn.fetchval(
+        """UPDATE transfers SET txid = $2, block_number = $3, confirmations = $4
+           WHERE transfer_id = $1 AND status = 'SIGNED'
+             AND (txid IS DISTINCT FROM $2 OR block_number IS DISTINCT FROM $3 OR confirmations <> $4)
+           RETURNING true""",
+        transfer_id,
+        txid,
+        block_number,
+        confirmations,
+    )
+    return bool(changed)
+
+
+async def confirm(
+    conn: Connection,
+    transfer_id: str,
+    *,
+    txid: str,
+    block_number: int,
+    confirmations: int,
+    amount_sent: int,
+    fee_paid: int,
+    success: bool,
+    reason: str | None,
+) -> bool:
+    done = await conn.fetchval(
+        """UPDATE transfers SET status = $8, txid = $2, block_number = $3, confirmations = $4,
+                  amount_sent = $5, fee_paid = $6, reason = $7, finished_at = now()
+           WHERE transfer_id = $1 AND status = 'SIGNED' RETURNING true""",
+        transfer_id,
+        txid,
+        block_number,
+        confirmations,
+        amount_sent,
+        fee_paid,
+        reason,
+        "CONFIRMED" if success else "FAILED",
+    )
+    return bool(done)
+
+
+async def candidate_ids(conn: Connection, transfer_id: str) -> Sequence[str]:
+    rows = await conn.fetch("SELECT txid FROM candidates WHERE transfer_id = $1 ORDER BY seq", transfer_id)
+    return [row["txid"] for row in rows]
