@@ -11,6 +11,8 @@ install:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 	npm ci --no-audit --no-fund --loglevel=error
+	@# The browser tests drive Debian's Chromium (no browser download at test time).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 run: install
 	$(UV) run otc dev up --demo

@@ -375,11 +375,13 @@ class AlertRaised(Message, frozen=True, kw_only=True):
 
 # --------------------------------------------------------------------------- gateway ⇄ engine
 
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Token = Annotated[str, msgspec.Meta(min_length=16, max_length=128)]
-DealId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-AmountText = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
-AddressText = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# PostgreSQL text cannot hold NUL, and no valid value contains a control character.
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_PRINTABLE)]
+Token = Annotated[str, msgspec.Meta(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+DealId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+AmountText = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=_PRINTABLE)]
+AddressText = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=_PRINTABLE)]
 Email = Annotated[str, msgspec.Meta(max_length=254, pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")]
 
 
@@ -388,8 +390,8 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_u
 
 
 class SideParams(Params, frozen=True, kw_only=True):
-    chain_id: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
-    asset: Annotated[str, msgspec.Meta(min_length=1, max_length=80)]
+    chain_id: Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=_PRINTABLE)]
+    asset: Annotated[str, msgspec.Meta(min_length=1, max_length=80, pattern=_PRINTABLE)]
     amount: AmountText
 
 
@@ -397,7 +399,7 @@ class CreateDealParams(Params, frozen=True, kw_only=True):
     alice: SideParams
     bob: SideParams
     timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=30 * 24 * 3600)]
-    name: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+    name: Annotated[str, msgspec.Meta(max_length=100, pattern=_PRINTABLE)] | None = None
 
 
 class FillPartyDetailsParams(Params, frozen=True, kw_only=True):
@@ -429,7 +431,7 @@ class SendInviteParams(Params, frozen=True, kw_only=True):
 
 
 class ChainFilterParams(Params, frozen=True, kw_only=True):
-    chain_id: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
+    chain_id: Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=_PRINTABLE)] | None = None
 
 
 RPC_PARAMS: dict[str, type[Params]] = {

@@ -250,15 +250,17 @@ class Engine:
             if deal is None:
                 raise AppError(ErrorCode.DEAL_NOT_FOUND, f"no deal with id {params.deal_id!r}")
             sides = await store.get_sides(conn, params.deal_id)
-            authorised = False
+            viewer: Party | None = None
             if params.token is not None:
-                if self._party_of(params.token, sides) is None:
+                viewer = self._party_of(params.token, sides)
+                if viewer is None:
                     raise AppError(ErrorCode.INVALID_TOKEN, "the token is not valid for this deal")
-                authorised = True
             events = await store.events(conn, params.deal_id)
             facts = await load(conn, params.deal_id, self.registry)
         assert facts is not None
-        return self._status_view(deal, sides, events, authorised, facts)
+        view = self._status_view(deal, sides, events, viewer is not None, facts)
+        view["viewer"] = viewer.value if viewer is not None else None
+        return view
 
     def _status_view(
         self,
@@ -321,7 +323,8 @@ class Engine:
                         "blockHeight": d["block_number"],
                     }
                     for d in facts.deposits
-                    if d["party"] == party.value
+                    # Tank gas arriving in a token escrow is not the party's deposit.
+                    if d["party"] == party.value and d["asset"] == row["asset"]
                 ],
             }
 

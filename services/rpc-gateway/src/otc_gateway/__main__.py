@@ -11,6 +11,8 @@ import uvicorn
 from otc_common.runtime import Loop, Service
 from otc_common.settings import settings_or_exit
 from otc_gateway.app import create_app
+from otc_gateway.live import LiveHub
+from otc_gateway.ratelimit import Limits
 from otc_gateway.rpc import RpcHandler
 from otc_gateway.settings import GatewaySettings
 
@@ -34,18 +36,30 @@ async def serve() -> None:
 
     async def setup() -> None:
         assert service.registry is not None
-        rpc = RpcHandler(service, service.registry, settings.public_base_url)
+        limits = Limits(
+            settings.rate_client_per_second,
+            settings.rate_client_burst,
+            settings.rate_deal_per_second,
+            settings.rate_deal_burst,
+        )
+        rpc = RpcHandler(service, service.registry, settings.public_base_url, limits)
+        hub = LiveHub()
+        await hub.start(service.nats.nc)
         config = uvicorn.Config(
-            create_app(service, rpc),
+            create_app(service, rpc, settings, hub),
             host=settings.http_host,
             port=settings.http_port,
             log_config=None,
+            # Party links carry their token in the path: no access log, ever.
             access_log=False,
             lifespan="off",
+            timeout_graceful_shutdown=5,
         )
         server["uvicorn"] = _Server(config)
 
         def stop_http() -> None:
+            # Open event streams would otherwise hold the server open until the drain timeout.
+            hub.stop()
             server["uvicorn"].should_exit = True
 
         service.on_stop(stop_http)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats.errors
@@ -20,6 +20,8 @@ from otc_common.messages import (
 from otc_common.money import format_amount
 from otc_common.registry import Registry
 from otc_common.runtime import Service
+from otc_gateway.openrpc import DISCOVER, build_document
+from otc_gateway.ratelimit import Limits
 
 log = logging.getLogger("otc.gateway.rpc")
 
@@ -53,19 +55,68 @@ def _field_message(exc: msgspec.ValidationError) -> str:
     return f"params: {text}"
 
 
+def retry_after(document: Any) -> int | None:
+    """The longest retryAfterSeconds among the rate-limit errors of a response document.
+
+    The engine may answer 1011 on its own (say, too many invitations) without saying when to
+    retry; such errors pass through without a Retry-After header.
+    """
+    replies = document if isinstance(document, list) else [document]
+    waits = []
+    for reply in replies:
+        error = reply.get("error") if isinstance(reply, dict) else None
+        if not isinstance(error, dict) or error.get("code") != ErrorCode.RATE_LIMITED:
+            continue
+        data = error.get("data")
+        wait = data.get("retryAfterSeconds") if isinstance(data, dict) else None
+        if isinstance(wait, int) and not isinstance(wait, bool) and wait > 0:
+            waits.append(wait)
+    return max(waits) if waits else None
+
+
+def _nul_path(value: Any, path: str = "params") -> str | None:
+    """Where a NUL character hides in the params, if anywhere: PostgreSQL text cannot hold one."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _nul_path(key, path) or _nul_path(item, f"{path}.{key}")
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 class RpcHandler:
-    def __init__(self, service: Service, registry: Registry, public_base_url: str) -> None:
+    def __init__(
+        self, service: Service, registry: Registry, public_base_url: str, limits: Limits | None = None
+    ) -> None:
         self.service = service
         self.registry = registry
         self.public_base_url = public_base_url.rstrip("/")
+        self.limits = limits
         self.local = {"otc.getChainConfig": self.get_chain_config, "otc.listAssets": self.list_assets}
+        self.openrpc = build_document(self.public_base_url)
 
-    async def handle_body(self, body: bytes) -> Any:
-        """The response document for a request body, or None when only notifications were sent."""
+    async def handle_body(self, body: bytes, client: str | None = None) -> Any:
+        """The response document for a request body, or None when only notifications were sent.
+
+        `client` is the caller's address for the per-client rate limit; each call of a batch counts.
+        """
         try:
             document = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            # ValidationError: numbers beyond float range; RecursionError: absurdly deep nesting.
             return error(ErrorCode.PARSE_ERROR, "parse error: the body is not valid JSON")
+        if self.limits is not None and client is not None:
+            try:
+                self.limits.check_client(client, len(document) if isinstance(document, list) else 1)
+            except AppError as exc:
+                return error(exc.code, exc.message, data=exc.data)
         if isinstance(document, list):
             if not document:
                 return error(ErrorCode.INVALID_REQUEST, "invalid request: empty batch")
@@ -95,6 +146,10 @@ class RpcHandler:
         return {"jsonrpc": "2.0", "result": result["result"], "id": request_id}
 
     async def call(self, method: str, params: Any) -> dict[str, Any]:
+        if method == DISCOVER:
+            if params:
+                return {"error": {"code": ErrorCode.INVALID_PARAMS, "message": f"{DISCOVER} takes no params"}}
+            return {"result": self.openrpc}
         params_type = RPC_PARAMS.get(method)
         if params_type is None:
             return {"error": {"code": ErrorCode.METHOD_NOT_FOUND, "message": f"method not found: {method}"}}
@@ -111,7 +166,13 @@ class RpcHandler:
             typed = msgspec.convert(params, params_type)
         except msgspec.ValidationError as exc:
             return {"error": {"code": ErrorCode.INVALID_PARAMS, "message": _field_message(exc)}}
+        nul = _nul_path(params)
+        if nul is not None:
+            return {"error": {"code": ErrorCode.INVALID_PARAMS, "message": f"{nul}: must not contain NUL characters"}}
         try:
+            deal_id = getattr(typed, "deal_id", None)
+            if self.limits is not None and isinstance(deal_id, str):
+                self.limits.check_deal(deal_id)
             if isinstance(typed, ChainFilterParams):
                 return {"result": self.local[method](typed)}
             return {"result": await self.forward(method, typed)}
@@ -140,7 +201,12 @@ class RpcHandler:
             ) from None
         reply = _reply_decoder.decode(msg.data)
         if reply.error is not None:
-            raise AppError(ErrorCode(reply.error.code), reply.error.message, reply.error.data)
+            try:
+                code = ErrorCode(reply.error.code)
+            except ValueError:
+                # A code from a newer engine: passed on as it is rather than turned into something else.
+                code = cast(ErrorCode, reply.error.code)
+            raise AppError(code, reply.error.message, reply.error.data)
         result = reply.result
         if method == "otc.createDeal":
             deal_id = result["dealId"]
