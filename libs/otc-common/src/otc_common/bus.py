@@ -308,6 +308,8 @@ class ConsumerRunner:
             await msg.nak(delay=delay)
             return
         metrics.CONSUMER_HANDLED.labels(consumer, envelope.type).observe(time.perf_counter() - started)
+        if msg.metadata is not None and msg.metadata.num_pending is not None:
+            metrics.CONSUMER_LAG.labels(consumer).set(msg.metadata.num_pending)
         try:
             await msg.ack()
         except nats.errors.Error as exc:
