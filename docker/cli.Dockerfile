@@ -20,10 +20,12 @@ WORKDIR /src
 # uv.lock or a pyproject changes, and is shared by every image with the same dependencies.
 COPY pyproject.toml uv.lock ./
 COPY libs/otc-common/pyproject.toml libs/otc-common/
+COPY libs/otc-devnet/pyproject.toml libs/otc-devnet/
 COPY libs/otc-cli/pyproject.toml libs/otc-cli/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-workspace --package otc-cli
 COPY libs/otc-common libs/otc-common
+COPY libs/otc-devnet libs/otc-devnet
 COPY libs/otc-cli libs/otc-cli
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable --package otc-cli
