@@ -25,7 +25,7 @@ typecheck:
 	$(UV) run mypy
 
 pytest:
-	$(UV) run pytest -q $(PYTEST_ARGS)
+	$(UV) run pytest -q --durations=15 $(PYTEST_ARGS)
 
 test: install lint typecheck pytest
 

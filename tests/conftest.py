@@ -247,3 +247,26 @@ def evm_env(service_env: dict[str, str], evm_chains: EvmChains, tmp_path: Path) 
         polygon_usdt=evm_chains.usdt["POLYGON"],
     )
     return {**service_env, "OTC_REGISTRY_FILE": str(registry)}
+
+
+# --------------------------------------------------------------------------- the Unicity devnet
+
+from tests.utxo_support import UnicityDevnet  # noqa: E402
+
+
+@pytest.fixture
+async def unicity_devnet(work_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[UnicityDevnet]:
+    """A fresh devnet with the production Alpha rules (parametrise it indirectly with False for Bitcoin's)."""
+    devnet = UnicityDevnet(work_dir, alpha=bool(getattr(request, "param", True)))
+    try:
+        yield devnet
+    finally:
+        await devnet.close()
+        devnet.stop()
+
+
+@pytest.fixture
+def utxo_env(service_env: dict[str, str], unicity_devnet: UnicityDevnet, tmp_path: Path) -> dict[str, str]:
+    """The services' environment with a registry whose UNICITY chain is served by the devnet."""
+    registry = write_test_registry(tmp_path / "registry-utxo.toml", electrum=unicity_devnet.url)
+    return {**service_env, "OTC_REGISTRY_FILE": str(registry)}

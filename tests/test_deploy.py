@@ -52,7 +52,6 @@ FIRST_CONTRACT = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 PENDING_METRICS = {
     "otc_tank_low_balance_threshold_wei": "tank: its low-balance threshold per chain, gauge {chain}",
     "otc_deals_oldest_seconds": "engine: age of the oldest deal in each stage, gauge {stage}",
-    "otc_solvency_shortfall_base_units": "recorded deposits minus escrow balances, gauge {chain, asset}",
     "otc_watcher_deposit_confirmation_seconds": "watchers: deposit first seen to threshold, histogram {chain}",
 }
 

@@ -7,9 +7,12 @@ from typing import Annotated
 
 import typer
 
+from otc_cli.ops import register as register_ops
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="otc-broker operator and developer tools.")
 dev_app = typer.Typer(no_args_is_help=True, help="The local dev stack (NATS, PostgreSQL, two anvils, services).")
 app.add_typer(dev_app, name="dev")
+register_ops(app)
 
 DataDir = Annotated[
     Path | None,

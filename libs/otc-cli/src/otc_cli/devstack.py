@@ -1,8 +1,9 @@
 """`otc dev up`: the whole broker on one machine with only Python and npm.
 
-NATS, PostgreSQL and two anvil chains run as child processes with their data under
-`.otc/dev/`; the six services run as supervised children that are restarted with backoff
-when they die. A second `up` reuses every piece of data, including the deployed tokens.
+NATS, PostgreSQL, two anvil chains and the Unicity devnet run as child processes with their
+data under `.otc/dev/`; the services run as supervised children that are restarted with
+backoff when they die. A second `up` reuses every piece of data, including the deployed
+tokens and the Unicity chain.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from otc_cli.servers import (
     start_postgres,
     stop_all,
 )
+from otc_cli.unicity import start_unicity_devnet
 
 log = logging.getLogger("otc.dev")
 
@@ -65,6 +67,19 @@ RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER_SECONDS = 30.0
 #: Longer than the services' own drain grace (20 s), so Ctrl-C lets in-flight work finish.
 SERVICE_STOP_TIMEOUT = 25.0
+
+#: The UTXO chain: the devnet with the production Alpha chain's rules, served over Electrum.
+UNICITY = "UNICITY"
+UNICITY_SYMBOL = "ALPHA"
+UNICITY_DECIMALS = 8
+UNICITY_HRP = "alpha"
+UNICITY_PORT_ENV = "OTC_DEV_UNICITY_PORT"
+UNICITY_DEFAULT_PORT = 15001
+#: Deposits need 2 confirmations; the devnet mines only on request unless told to.
+UNICITY_BLOCK_SECONDS = 2
+UTXO_DERIVATION_PATH = "m/84'/0'/0'/0/{index}"
+#: The operator's commission address on Unicity: the first receive address of the next account.
+UTXO_OPERATOR_ACCOUNT = "m/84'/0'/1'"
 
 
 @dataclass(frozen=True)
@@ -94,11 +109,22 @@ class ChainEndpoint:
 
 
 @dataclass(frozen=True)
+class UtxoEndpoint:
+    """The running Unicity devnet: what the registry and endpoints.json say about it."""
+
+    name: str
+    electrum: str
+    account_xpub: str
+    operator_address: str
+
+
+@dataclass(frozen=True)
 class DevPorts:
     nats: int
     postgres: int
     gateway: int
     chains: Mapping[str, int]
+    unicity: int = UNICITY_DEFAULT_PORT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DevPorts:
@@ -121,6 +147,7 @@ class DevPorts:
             postgres=port("OTC_DEV_PG_PORT", 15432),
             gateway=port("OTC_DEV_GATEWAY_PORT", 8080),
             chains={chain.name: port(chain.port_env, chain.default_port) for chain in DEV_CHAINS},
+            unicity=port(UNICITY_PORT_ENV, UNICITY_DEFAULT_PORT),
         )
 
 
@@ -154,6 +181,7 @@ def dev_services(gateway_port: int = 8080) -> list[ServiceSpec]:
         ServiceSpec("tank", "otc_tank", 18103, needs_seed=True),
         ServiceSpec("watcher-evm-ETH", "otc_watcher_evm", 18104, args=("--chain", "ETH")),
         ServiceSpec("watcher-evm-POLYGON", "otc_watcher_evm", 18105, args=("--chain", "POLYGON")),
+        ServiceSpec(f"watcher-utxo-{UNICITY}", "otc_watcher_utxo", 18106, args=("--chain", UNICITY)),
     ]
 
 
@@ -167,6 +195,7 @@ class DevPaths:
         self.logs = self.root / "logs"
         self.nats = self.root / "nats"
         self.postgres = self.root / "postgres"
+        self.unicity = self.root / "unicity"
         self.lock = self.root / ".lock"
 
     def anvil_state(self, chain: str) -> Path:
@@ -221,6 +250,18 @@ def _seed_derivations(seed_hex: str) -> tuple[str, str]:
     return account_xpub(seed, EVM_DERIVATION_PATH), tank_address
 
 
+def _utxo_derivations(seed_hex: str) -> tuple[str, str]:
+    """(account xpub for the Unicity escrow path, operator address) of the dev seed."""
+    from otc_common.keys import EscrowKeyring
+    from otc_common.signing_keys import account_xpub, extended_public_key_at, load_seed
+
+    seed = load_seed(seed_hex)
+    operator_keys = EscrowKeyring(
+        extended_public_key_at(seed, UTXO_OPERATOR_ACCOUNT), UTXO_OPERATOR_ACCOUNT + "/0/{index}"
+    )
+    return account_xpub(seed, UTXO_DERIVATION_PATH), operator_keys.utxo_address(0, UNICITY_HRP)
+
+
 def _toml_string(value: str) -> str:
     # A JSON string literal is also a valid TOML basic string.
     return json.dumps(value)
@@ -232,6 +273,7 @@ def render_dev_registry(
     operator_address: str,
     tank_address: str,
     account_xpub: str,
+    utxo: UtxoEndpoint | None = None,
 ) -> str:
     lines = ["# Written by `otc dev up` on every start; edits are overwritten.", ""]
     for chain in chains:
@@ -262,6 +304,27 @@ def render_dev_registry(
             'max_amount = "10000000"',
             "",
         ]
+    if utxo is not None:
+        lines += [
+            f"[chains.{utxo.name}]",
+            'kind = "utxo"',
+            f"electrum = {_toml_string(utxo.electrum)}",
+            f"hrp = {_toml_string(UNICITY_HRP)}",
+            "confirmations = 2",
+            f"operator_address = {_toml_string(utxo.operator_address)}",
+            f"derivation_path = {_toml_string(UTXO_DERIVATION_PATH)}",
+            f"account_xpub = {_toml_string(utxo.account_xpub)}",
+            'explorer_tx_url = ""',
+            "min_timeout_seconds = 10",
+            "",
+            f"[chains.{utxo.name}.assets.{UNICITY_SYMBOL}]",
+            f"decimals = {UNICITY_DECIMALS}",
+            "native = true",
+            'max_amount = "1000000"',
+            # The escrow pays its own payouts' fees: three phases at a few hundred satoshis each.
+            'fee_reserve = "0.001"',
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -272,18 +335,24 @@ def write_dev_registry(
     operator_address: str,
     tank_address: str,
     account_xpub: str,
+    utxo: UtxoEndpoint | None = None,
 ) -> None:
     """The chain registry the services read (OTC_REGISTRY_FILE) for the dev chains."""
     text = render_dev_registry(
-        chains, operator_address=operator_address, tank_address=tank_address, account_xpub=account_xpub
+        chains, operator_address=operator_address, tank_address=tank_address, account_xpub=account_xpub, utxo=utxo
     )
     write_atomic(path, text)
 
 
 def build_endpoints(
-    *, gateway_port: int, nats_url: str, database_url: str, chains: Sequence[ChainEndpoint]
+    *,
+    gateway_port: int,
+    nats_url: str,
+    database_url: str,
+    chains: Sequence[ChainEndpoint],
+    utxo: UtxoEndpoint | None = None,
 ) -> dict[str, Any]:
-    return {
+    document: dict[str, Any] = {
         "gateway": f"http://{HOST}:{gateway_port}",
         "nats": nats_url,
         "database": database_url,
@@ -300,6 +369,13 @@ def build_endpoints(
             for chain in chains
         },
     }
+    if utxo is not None:
+        document["chains"][utxo.name] = {
+            "kind": "utxo",
+            "electrum": utxo.electrum,
+            "assets": {UNICITY_SYMBOL: {"decimals": UNICITY_DECIMALS, "native": True}},
+        }
+    return document
 
 
 # --- the test token ---------------------------------------------------------------------
@@ -594,10 +670,11 @@ class DevStack:
         self.nats: ManagedServer | None = None
         self.postgres: ManagedServer | None = None
         self.anvils: dict[str, ManagedServer] = {}
+        self.unicity: ManagedServer | None = None
         self.supervisor: Supervisor | None = None
 
     def infra(self) -> list[ManagedServer]:
-        servers = [self.nats, self.postgres, *self.anvils.values()]
+        servers = [self.nats, self.postgres, *self.anvils.values(), self.unicity]
         return [server for server in servers if server is not None]
 
     def run(self) -> None:
@@ -641,6 +718,15 @@ class DevStack:
             )
             self.anvils[chain.name] = anvil
             log.info("anvil %s (chain id %d) ready at %s", chain.name, chain.chain_id, anvil.url)
+        self.unicity = start_unicity_devnet(
+            ports.unicity,
+            paths.unicity,
+            paths.log("unicity"),
+            autominer=UNICITY_BLOCK_SECONDS,
+            alpha=True,
+            name="unicity-devnet",
+        )
+        log.info("unicity devnet (%s) ready at %s", UNICITY, self.unicity.url)
 
         tokens = ensure_tokens(paths.state, {name: anvil.url for name, anvil in self.anvils.items()})
         endpoints = [
@@ -654,18 +740,22 @@ class DevStack:
             for chain in DEV_CHAINS
         ]
         xpub, tank_address = _seed_derivations(seed_hex)
+        utxo_xpub, utxo_operator = _utxo_derivations(seed_hex)
+        utxo = UtxoEndpoint(UNICITY, self.unicity.url, utxo_xpub, utxo_operator)
         write_dev_registry(
             paths.registry,
             endpoints,
             operator_address=contracts.anvil_address(OPERATOR_ACCOUNT),
             tank_address=tank_address,
             account_xpub=xpub,
+            utxo=utxo,
         )
         document = build_endpoints(
             gateway_port=ports.gateway,
             nats_url=self.nats.url,
             database_url=self.postgres.url,
             chains=endpoints,
+            utxo=utxo,
         )
         self.endpoints_document = document
         if not self.with_services:
@@ -760,8 +850,8 @@ class DevStack:
         if self.supervisor is not None:
             self.supervisor.stop()
             log.info("services stopped")
-        # anvil writes its state file on the way out, so it stops before anything it needs.
-        stop_all(self.anvils.values())
+        # anvil writes its state file and the devnet its mempool on the way out: they stop first.
+        stop_all([*self.anvils.values(), *([self.unicity] if self.unicity is not None else [])])
         for server in (self.nats, self.postgres):
             if server is not None:
                 server.stop()

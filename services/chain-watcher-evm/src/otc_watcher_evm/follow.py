@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from otc_common import subjects
-from otc_common.db import Connection
-from otc_common.messages import Envelope, Message, TransferSubmitted
+from otc_common import chainwatch
 from otc_common.subjects import ConsumerSpec
 from otc_watcher_evm import store
 
 
 def consumer_spec(chain: str) -> ConsumerSpec:
-    return ConsumerSpec(
-        durable=f"watcher-evm-{chain}-queue", stream="QUEUE", filter_subjects=[subjects.queue_result(chain)]
-    )
+    return chainwatch.follow_consumer_spec("evm", chain)
 
 
 def normalise_txid(txid: str) -> str:
@@ -20,12 +16,6 @@ def normalise_txid(txid: str) -> str:
     return text if text.startswith("0x") else "0x" + text
 
 
-class FollowHandler:
+class FollowHandler(chainwatch.FollowHandler):
     def __init__(self, chain: str) -> None:
-        self.chain = chain
-
-    async def __call__(self, conn: Connection, envelope: Envelope, message: Message) -> None:
-        if not isinstance(message, TransferSubmitted) or message.chain != self.chain:
-            return
-        for txid in sorted({normalise_txid(t) for t in [message.txid, *message.candidates] if t}):
-            await store.add_follow(conn, txid, message.transfer_id)
+        super().__init__(chain, normalise_txid, store.add_follow)

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from otc_common import chainwatch
+
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 #: `index` of a native deposit made by a transaction's own value.
 NATIVE_INDEX = -1
@@ -339,32 +341,11 @@ def attribute_window(
 
 
 # --------------------------------------------------------------------------- followed transactions
+# Counted the same way for every chain kind (otc_common.chainwatch); named here for this package's users.
 
-
-@dataclass(frozen=True)
-class Followed:
-    txid: str
-    transfer_id: str
-    block_number: int | None = None
-    block_hash: str | None = None
-    success: bool = True
-    fee_paid: int = 0
-
-
-def stop_at(threshold: int) -> int:
-    """Confirmations after which a transaction is no longer followed."""
-    return threshold + 2
-
-
-def confirmations_at(followed: Iterable[Followed], height: int) -> list[tuple[Followed, int]]:
-    """Each mined followed transaction with its confirmations once `height` is the tip."""
-    updates = []
-    for item in followed:
-        if item.block_number is None or item.block_number > height:
-            continue
-        count = height - item.block_number + 1
-        updates.append((item, count))
-    return updates
+Followed = chainwatch.Followed
+stop_at = chainwatch.stop_at
+confirmations_at = chainwatch.confirmations_at
 
 
 # --------------------------------------------------------------------------- balance reader calls

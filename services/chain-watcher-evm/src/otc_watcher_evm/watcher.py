@@ -15,9 +15,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
 import asyncpg
-import nats.errors
 
-from otc_common import subjects, watchset
+from otc_common import chainwatch, subjects, watchset
 from otc_common.addresses import evm_checksum_address
 from otc_common.bus import Bus, emit
 from otc_common.db import Connection, Pool
@@ -25,7 +24,6 @@ from otc_common.messages import (
     ChainReorg,
     ChainTip,
     DepositObserved,
-    TxConfirmation,
     UnregisteredTokenDeposit,
     stable_event_id,
 )
@@ -73,7 +71,8 @@ class Watcher:
 
     async def run(self, loop: Loop) -> None:
         self.rpc.on_answer = loop.beat
-        await self._await_watch_set(loop)
+        durable = watchset.consumer_spec("evm", self.id).durable
+        await chainwatch.await_consumer(self.bus, "DEALS", durable, loop.beat, WATCH_SET_CATCH_UP_SECONDS)
         failures = 0
         while True:
             loop.beat()
@@ -100,20 +99,6 @@ class Watcher:
                 continue
             if not progressed:
                 await asyncio.sleep(self.poll_interval)
-
-    async def _await_watch_set(self, loop: Loop) -> None:
-        """After downtime the deal events queued meanwhile go into the watch set before old blocks are read."""
-        durable = watchset.consumer_spec("evm", self.id).durable
-        deadline = time.monotonic() + WATCH_SET_CATCH_UP_SECONDS
-        while time.monotonic() < deadline:
-            loop.beat()
-            try:
-                info = await self.bus.js.consumer_info("DEALS", durable)
-            except (nats.errors.Error, TimeoutError, OSError):
-                return
-            if not info.num_pending and not info.num_ack_pending:
-                return
-            await asyncio.sleep(0.1)
 
     async def step(self) -> bool:
         """One round: look up new follows, re-check new escrows, take the next block. True if it moved."""
@@ -246,11 +231,8 @@ class Watcher:
                 await store.mark_mined(conn, item.txid, item.block_number, item.block_hash, item.success, item.fee_paid)
             await self._confirmations(conn, confirmations)
             await store.set_baselines(conn, {watched[a]: b for a, b in verdict.baselines.items()})
-            await emit(
-                conn,
-                subjects.chain_event(self.id, "tip"),
-                ChainTip(chain=self.id, height=block.number, hash=block.hash, time=block.time),
-                event_id=stable_event_id(self.id, "tip", block.number, block.hash),
+            await chainwatch.emit_tip(
+                conn, ChainTip(chain=self.id, height=block.number, hash=block.hash, time=block.time)
             )
             await store.prune(conn, block.number - self.chain.reorg_window + 1)
             await store.set_head(conn, block.number, block.hash)
@@ -277,9 +259,8 @@ class Watcher:
         if not await store.record_published(conn, found, address, block):
             return 0
         if found.asset is not None:
-            await emit(
+            await chainwatch.emit_deposit(
                 conn,
-                subjects.chain_event(self.id, "deposit"),
                 DepositObserved(
                     chain=self.id,
                     address=address,
@@ -291,7 +272,6 @@ class Watcher:
                     block_hash=block.hash,
                     block_time=block.time,
                 ),
-                event_id=stable_event_id(self.id, "deposit", found.txid, found.index, block.hash),
             )
             kind = {rules.NATIVE_INDEX: "native", rules.INTERNAL_INDEX: "internal"}.get(found.index, "token")
             metrics.DEPOSITS.labels(self.id, kind).inc()
@@ -331,20 +311,7 @@ class Watcher:
 
     async def _confirmations(self, conn: Connection, updates: Iterable[tuple[Followed, int]]) -> None:
         for item, count in updates:
-            await emit(
-                conn,
-                subjects.chain_event(self.id, "confirmation"),
-                TxConfirmation(
-                    chain=self.id,
-                    txid=item.txid,
-                    confirmations=count,
-                    block_number=item.block_number,
-                    block_hash=item.block_hash,
-                    success=item.success,
-                    fee_paid=item.fee_paid,
-                ),
-                event_id=stable_event_id(self.id, "confirmation", item.txid, item.block_hash, count),
-            )
+            await chainwatch.emit_confirmation(conn, self.id, item, count)
             if count >= self.stop_at:
                 await store.mark_done(conn, item)
 
@@ -355,14 +322,16 @@ class Watcher:
         async with self._snapshot() as conn:
             stored = await store.window(conn)
             previous = await store.baselines(conn)
-        ancestor: Block | None = None
-        for row in reversed(stored):
-            remote = await self.rpc.block(row.number, full=False)
+
+        async def remote_block(number: int) -> Block:
+            remote = await self.rpc.block(number, full=False)
             if remote is None:
-                raise RpcError(f"block {row.number} vanished while looking for the common ancestor")
-            if remote.hash == row.hash:
-                ancestor = remote
-                break
+                raise RpcError(f"block {number} vanished while looking for the common ancestor")
+            return remote
+
+        ancestor = await chainwatch.find_common_ancestor(
+            [(row.number, row.hash) for row in stored], remote_block, lambda block: block.hash
+        )
         deep = ancestor is None
         if ancestor is None:
             lowest = stored[0].number if stored else head.number
@@ -385,9 +354,8 @@ class Watcher:
             if not await store.claim_head(conn, head):
                 return
             watched = await store.watched(conn)
-            await emit(
+            await chainwatch.emit_reorg(
                 conn,
-                subjects.chain_event(self.id, "reorg"),
                 ChainReorg(
                     chain=self.id,
                     ancestor_height=ancestor.number,
@@ -397,15 +365,9 @@ class Watcher:
                     new_tip_height=new_block.number,
                     new_tip_hash=new_block.hash,
                 ),
-                event_id=stable_event_id(self.id, "reorg", ancestor.hash, *removed_hashes),
             )
             for item in await store.unmine(conn, removed_hashes):
-                await emit(
-                    conn,
-                    subjects.chain_event(self.id, "confirmation"),
-                    TxConfirmation(chain=self.id, txid=item.txid, confirmations=0, success=item.success),
-                    event_id=stable_event_id(self.id, "confirmation", item.txid, item.block_hash, 0),
-                )
+                await chainwatch.emit_unmined(conn, self.id, item)
             await store.forget_above(conn, ancestor.number)
             if deep:
                 await store.insert_block(conn, ancestor)

@@ -9,11 +9,13 @@ from otc_common import subjects
 from otc_common.runtime import Loop, Service
 from otc_common.settings import settings_or_exit
 from otc_engine import notify
+from otc_engine.admin import serve_admin
 from otc_engine.api import EngineApi
 from otc_engine.handlers import CHAIN_EVENTS, QUEUE_RESULTS, TANK_RESULTS, Handlers
 from otc_engine.metrics import refresh_stage_gauge
 from otc_engine.service import Engine
 from otc_engine.settings import EngineSettings
+from otc_engine.solvency import run_solvency
 from otc_engine.sweeper import run_sweeper, run_unwatcher
 
 
@@ -32,6 +34,10 @@ async def serve() -> None:
     async def stage_gauge(loop: Loop) -> None:
         await refresh_stage_gauge(service.db, loop)
 
+    async def solvency(loop: Loop) -> None:
+        await run_solvency(engine[0], engine[0].registry, loop, interval_seconds=settings.solvency_interval_seconds)
+
+    service.loop("solvency-check", solvency)
     service.loop("deadline-sweep", sweeper)
     service.loop("stage-gauge", stage_gauge)
     service.loop("post-close-unwatch", unwatcher)
@@ -49,6 +55,7 @@ async def serve() -> None:
         api = EngineApi(engine[0])
         await notifications.setup(api)
         await service.nats.nc.subscribe(subjects.ENGINE_RPC, queue=subjects.ENGINE_RPC_QUEUE_GROUP, cb=api.on_request)
+        await serve_admin(service, engine[0])
 
     await service.run(setup=setup)
 

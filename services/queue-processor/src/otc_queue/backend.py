@@ -1,4 +1,7 @@
-"""What the shell needs from a chain kind. `evm.py` implements it; a `utxo.py` sits beside it later.
+"""What the shell needs from an EVM chain; `evm.py` implements it.
+
+UTXO chains do not fit it (a transfer there may be several one-input transactions, each replaced
+on its own): `utxo_flow.py` signs and follows them over `utxo.py`, with the same shell around it.
 
 The shell owns the order of work (per sender, in arrival order), the database (candidates stored
 before broadcast, one transaction per state change with its events) and the events; a backend owns

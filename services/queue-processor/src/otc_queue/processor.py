@@ -8,7 +8,8 @@ its nonces follow each other; different senders' workers run side by side.
 Signing a transfer: check it against the deal, read the chain, then in one transaction lock the
 sender, take its next nonce, sign, store the candidate and the TransferSubmitted event; only after
 the commit are the stored bytes broadcast. Everything after that (re-broadcasts, fee bumps,
-confirmations) works from the stored candidates and what the chain shows.
+confirmations) works from the stored candidates and what the chain shows. UTXO chains have no
+nonces: their workers hand both steps to `utxo_flow`, which reserves escrow outputs instead.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from otc_common import subjects
 from otc_common.addresses import AddressError, evm_checksum_address, validate_utxo_address
 from otc_common.bus import Bus, ConsumerRunner, emit
 from otc_common.db import Connection, Pool
+from otc_common.electrum import ElectrumClient
 from otc_common.keys import EscrowKeyring
 from otc_common.messages import (
     AlertRaised,
@@ -52,13 +54,15 @@ from otc_common.runtime import Loop, Service
 from otc_common.settings import ConfigError
 from otc_common.signing_keys import Seed
 from otc_common.subjects import ConsumerSpec
-from otc_queue import metrics, rules, store
+from otc_queue import metrics, rules, store, utxo_store
 from otc_queue.backend import ChainBackend, Sent, Signed
 from otc_queue.evm import EvmBackend
 from otc_queue.rpc import JsonRpc, RpcError, RpcUnavailable
 from otc_queue.rules import Allowed, ChainFacts, Missing, PartyFact, Refused, TransferOrder, Wait
 from otc_queue.settings import QueueSettings
 from otc_queue.store import InFlight, StoredCandidate
+from otc_queue.utxo import UtxoBackend
+from otc_queue.utxo_flow import UtxoPayouts
 
 log = logging.getLogger("otc.queue")
 
@@ -165,6 +169,8 @@ class Processor:
         self.settings = settings
         self._seed = seed
         self.backends: dict[str, ChainBackend] = {}
+        #: UTXO chains sign and follow their multi-transaction transfers in their own flow.
+        self.utxo: dict[str, UtxoPayouts] = {}
         self.facts: dict[str, ChainFacts] = {}
         self.workers: dict[SenderKey, Worker] = {}
         self._waiting: dict[str, str] = {}
@@ -202,6 +208,8 @@ class Processor:
                 if backend.escrow_address(0) != expected:
                     raise ConfigError(f"OTC_SEED does not match the account_xpub of chain {chain.id}")
                 self.backends[chain.id] = backend
+            elif chain.kind is ChainKind.UTXO:
+                self.utxo[chain.id] = await self._utxo_payouts(chain)
         for spec, handler in (
             (DEALS, self.on_deal),
             (COMMANDS, self.on_command),
@@ -209,7 +217,30 @@ class Processor:
         ):
             await self.service.nats.provision_consumer(spec)
             self.service.consumers.append(WakingRunner(self.service.nats, self.pool, spec, handler, self))
-        log.info("signing for chains", extra={"chains": sorted(self.backends)})
+        log.info("signing for chains", extra={"chains": sorted([*self.backends, *self.utxo])})
+
+    async def _utxo_payouts(self, chain: Chain) -> UtxoPayouts:
+        assert chain.electrum is not None and chain.hrp is not None
+        chain_id = chain.id
+
+        def count(method: str) -> None:
+            metrics.RPC_CALLS.labels(chain_id, method).inc()
+
+        client = ElectrumClient(
+            chain.electrum,
+            client_name="otc-queue-processor",
+            request_timeout=self.settings.rpc_timeout_seconds,
+            on_request=count,
+        )
+        backend = UtxoBackend(chain, self._seed, client, self.settings)
+        # The seed must be the one behind the registry's xpub, or every escrow check would fail.
+        expected = EscrowKeyring(chain.account_xpub, chain.derivation_path).utxo_address(0, chain.hrp)
+        if backend.escrow_address(0) != expected:
+            raise ConfigError(f"OTC_SEED does not match the account_xpub of chain {chain.id}")
+        # Connects in the background (and reconnects forever): a server that is down delays its
+        # chain's payouts, not the start of the others.
+        await client.start()
+        return UtxoPayouts(self, backend)
 
     async def sweep(self, loop: Loop) -> None:
         """Wakes every sender with work: retries waiting transfers, checks in-flight ones (and, at
@@ -229,6 +260,8 @@ class Processor:
         finally:
             for backend in self.backends.values():
                 await backend.close()
+            for payouts in self.utxo.values():
+                await payouts.close()
 
     def stop(self) -> None:
         """On SIGTERM: no new steps; a step under way finishes or is cut off, the database decides which."""
@@ -326,12 +359,14 @@ class Processor:
     async def on_confirmation(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
         if not isinstance(message, TxConfirmation):
             return
-        owner = await store.candidate_owner(conn, message.chain, message.txid.lower())
+        txid = message.txid.lower()
+        kind = utxo_store if message.chain in self.utxo else store
+        owner = await kind.candidate_owner(conn, message.chain, txid)
         if owner is None or owner["status"] != "SIGNED":
             return
         if message.confirmations > 0 and message.block_number is not None:
             # Remembered so that, should a reorg unmine it, these same bytes go out again.
-            await store.note_mined(conn, message.txid.lower(), message.block_number, message.block_hash)
+            await kind.note_mined(conn, txid, message.block_number, message.block_hash)
         touched.append(((message.chain, owner["escrow_address"]), False, True))
 
     async def on_deal(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
@@ -341,10 +376,13 @@ class Processor:
             if address is None:
                 log.warning("escrow on an unknown chain or malformed: ignored", extra={"deal_id": message.deal_id})
                 return
+            # Derives the key now, so that the payout does not wait for it.
             backend = self.backends.get(message.chain)
             if backend is not None:
-                # Derives the key now, so that the payout does not wait for it.
                 backend.escrow_address(message.escrow_index)
+            payouts = self.utxo.get(message.chain)
+            if payouts is not None:
+                payouts.backend.escrow_address(message.escrow_index)
             differs = await store.add_escrow(conn, _with_address(message, address))
             if differs is not None:
                 await self._alert_in(
@@ -370,6 +408,10 @@ class Processor:
     # ----------------------------------------------------------------- signing
 
     async def sign_queued(self, worker: Worker) -> None:
+        payouts = self.utxo.get(worker.chain)
+        if payouts is not None:
+            await payouts.sign_queued(worker)
+            return
         backend = self.backends.get(worker.chain)
         while True:
             row = await store.head_queued(self.pool, worker.chain, worker.sender)
@@ -530,6 +572,10 @@ class Processor:
     # ----------------------------------------------------------------- after broadcast
 
     async def reconcile(self, worker: Worker) -> None:
+        payouts = self.utxo.get(worker.chain)
+        if payouts is not None:
+            await payouts.reconcile(worker)
+            return
         backend = self.backends.get(worker.chain)
         if backend is None:
             return

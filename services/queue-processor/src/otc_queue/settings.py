@@ -23,6 +23,16 @@ class QueueSettings(BaseSettings, frozen=True, kw_only=True):
     stuck_alert_seconds: Annotated[
         float, msgspec.Meta(gt=0, description="alert when a transfer has waited this long to be signed")
     ] = 600.0
+    utxo_fee_target_blocks: Annotated[
+        int, msgspec.Meta(ge=1, le=1008, description="UTXO chains: blockchain.estimatefee's confirmation target")
+    ] = 2
+    utxo_min_fee_per_kvb: Annotated[
+        int, msgspec.Meta(ge=0, description="UTXO chains: the least fee rate paid, in satoshis per 1000 vbytes")
+    ] = 1000
+    utxo_max_fee_per_kvb: Annotated[
+        int,
+        msgspec.Meta(gt=0, description="UTXO chains: no fee rate (estimate or bump) above this, sat per 1000 vbytes"),
+    ] = 200_000
     #: Test-only: die by SIGKILL right after a signed transaction is committed and before it is broadcast.
     test_crash_after_sign: bool = False
 
