@@ -12,15 +12,32 @@ import httpx
 from eth_account import Account
 
 from otc_cli import contracts
+from otc_common.addresses import electrum_scripthash, segwit_address, utxo_script_pubkey
 from otc_common.money import parse_amount
 from tests.conftest import EvmChains
 from tests.support import UNLIMITED_RATES, RpcClient, ServiceProcess, tank_address
+from tests.utxo_support import UnicityDevnet
 
 FUNDER = {"ALICE": 1, "BOB": 3}
 
 
+DECIMALS = {"USDT": 6, "ALPHA": 8}
+
+
 def fresh_address() -> str:
     return str(Account.create(secrets.token_hex(16)).address)
+
+
+def fresh_alpha() -> str:
+    return segwit_address("alpha", 0, secrets.token_bytes(20))
+
+
+def fresh_address_on(chain: str) -> str:
+    return fresh_alpha() if chain == "UNICITY" else fresh_address()
+
+
+def alpha_scripthash(address: str) -> str:
+    return electrum_scripthash(utxo_script_pubkey(address, "alpha"))
 
 
 class Chain:
@@ -69,15 +86,18 @@ class Chain:
 class Miner:
     """Mines a block on each chain every `interval` seconds while running (chains without a block timer)."""
 
-    def __init__(self, chains: list[Chain], interval: float = 0.3) -> None:
+    def __init__(self, chains: list[Chain], interval: float = 0.3, devnet: UnicityDevnet | None = None) -> None:
         self.chains = chains
         self.interval = interval
+        self.devnet = devnet
         self.task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
             for chain in self.chains:
                 await chain.call("anvil_mine", "0x1")
+            if self.devnet is not None:
+                await self.devnet.mine(1)
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
@@ -94,9 +114,18 @@ class Miner:
 class EvmStack:
     """Gateway, engine, queue processor, tank and one watcher per chain, each its own process."""
 
-    def __init__(self, env: dict[str, str], work_dir: Path, chains: EvmChains, *, engines: int = 1) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        work_dir: Path,
+        chains: EvmChains,
+        *,
+        engines: int = 1,
+        devnet: UnicityDevnet | None = None,
+    ) -> None:
         self.env = env
         self.chains = chains
+        self.devnet = devnet
         self.procs: dict[str, ServiceProcess] = {}
         for i in range(engines):
             self.procs[f"engine{i}" if i else "engine"] = ServiceProcess("engine", ["-m", "otc_engine"], env, work_dir)
@@ -119,10 +148,14 @@ class EvmStack:
                 {**env, "OTC_POLL_INTERVAL_MS": "100"},
                 work_dir,
             )
+        if devnet is not None:
+            self.procs["watcher-UNICITY"] = ServiceProcess(
+                "watcher-UNICITY", ["-m", "otc_watcher_utxo", "--chain", "UNICITY"], env, work_dir
+            )
         self.rpc = RpcClient(self.procs["gateway"].url)
         self.eth = Chain(chains.rpc["ETH"])
         self.polygon = Chain(chains.rpc["POLYGON"])
-        self.miner = Miner([self.eth, self.polygon])
+        self.miner = Miner([self.eth, self.polygon], devnet=devnet)
 
     def chain(self, name: str) -> Chain:
         return self.eth if name == "ETH" else self.polygon
@@ -141,6 +174,19 @@ class EvmStack:
     async def mine(self, blocks: int = 1) -> None:
         for chain in (self.eth, self.polygon):
             await chain.call("anvil_mine", hex(blocks))
+        if self.devnet is not None:
+            await self.devnet.mine(blocks)
+
+    async def alpha_balance(self, address: str) -> int:
+        """Confirmed plus unconfirmed satoshi held by `address` on the devnet."""
+        assert self.devnet is not None
+        balance = await self.devnet.call("blockchain.scripthash.get_balance", alpha_scripthash(address))
+        return int(balance["confirmed"]) + int(balance["unconfirmed"])
+
+    async def alpha_confirmed(self, address: str) -> int:
+        assert self.devnet is not None
+        balance = await self.devnet.call("blockchain.scripthash.get_balance", alpha_scripthash(address))
+        return int(balance["confirmed"])
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{p.log_tail(25)}" for name, p in self.procs.items())
@@ -152,8 +198,9 @@ class Deal:
         self.id: str = created["dealId"]
         self.tokens = {"ALICE": created["aliceToken"], "BOB": created["bobToken"]}
         self.sides = sides
-        self.payback = {party: fresh_address() for party in ("ALICE", "BOB")}
-        self.recipient = {party: fresh_address() for party in ("ALICE", "BOB")}
+        other = {"ALICE": "BOB", "BOB": "ALICE"}
+        self.payback = {party: fresh_address_on(sides[party]["chainId"]) for party in ("ALICE", "BOB")}
+        self.recipient = {party: fresh_address_on(sides[other[party]]["chainId"]) for party in ("ALICE", "BOB")}
 
     @classmethod
     async def create(
@@ -195,9 +242,7 @@ class Deal:
         return str((await self.status())["instructions"][party.lower()]["to"])
 
     def units(self, party: str, text: str) -> int:
-        side = self.sides[party]
-        decimals = 6 if side["asset"] == "USDT" else 18
-        return parse_amount(text, decimals)
+        return parse_amount(text, DECIMALS.get(self.sides[party]["asset"], 18))
 
     def token(self, party: str) -> str | None:
         side = self.sides[party]
@@ -205,6 +250,9 @@ class Deal:
 
     async def deposit(self, party: str, amount: int, from_account: int | None = None) -> str:
         side = self.sides[party]
+        if side["chainId"] == "UNICITY":
+            assert self.stack.devnet is not None
+            return await self.stack.devnet.faucet(await self.escrow(party), amount)
         key = contracts.anvil_account(from_account if from_account is not None else FUNDER[party]).key.hex()
         rpc = self.stack.chains.rpc[side["chainId"]]
         to = await self.escrow(party)
@@ -215,6 +263,8 @@ class Deal:
 
     async def holding(self, party: str, address: str) -> int:
         """`address`'s balance in the asset `party` sends."""
+        if self.sides[party]["chainId"] == "UNICITY":
+            return await self.stack.alpha_balance(address)
         chain = self.stack.chain(self.sides[party]["chainId"])
         token = self.token(party)
         return await chain.balance(address) if token is None else await chain.token_balance(token, address)
