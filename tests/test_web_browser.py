@@ -20,6 +20,7 @@ from playwright.async_api import Browser, Page, ViewportSize, async_playwright
 from tests.conftest import EvmChains, Stack
 from tests.e2e import Deal, EvmStack, fresh_address
 from tests.support import ALICE_EVM, ALPHA_ADDRESS, BOB_EVM, RpcClient, ServiceProcess, write_test_registry
+from tests.utxo_support import UnicityDevnet
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -47,7 +48,11 @@ async def live_chains(work_dir: Path) -> AsyncIterator[EvmChains]:
 
 @pytest.fixture
 async def system(
-    service_env: dict[str, str], live_chains: EvmChains, tmp_path: Path, work_dir: Path
+    service_env: dict[str, str],
+    live_chains: EvmChains,
+    unicity_devnet: UnicityDevnet,
+    tmp_path: Path,
+    work_dir: Path,
 ) -> AsyncIterator[EvmStack]:
     registry = write_test_registry(
         tmp_path / "registry.toml",
@@ -55,8 +60,12 @@ async def system(
         live_chains.rpc["POLYGON"],
         eth_usdt=live_chains.usdt["ETH"],
         polygon_usdt=live_chains.usdt["POLYGON"],
+        electrum=unicity_devnet.url,
     )
-    running = EvmStack({**service_env, "OTC_REGISTRY_FILE": str(registry)}, work_dir, live_chains)
+    await unicity_devnet.call("devnet.autominer", BLOCK_SECONDS)
+    running = EvmStack(
+        {**service_env, "OTC_REGISTRY_FILE": str(registry)}, work_dir, live_chains, devnet=unicity_devnet
+    )
     gateway = running.procs["gateway"]
     # The browser is on the gateway's own origin, which /rpc checks against the public URL.
     gateway.env["OTC_PUBLIC_BASE_URL"] = gateway.url
@@ -110,7 +119,16 @@ async def fill_details(page: Page, payback: str, recipient: str) -> None:
     await page.click("#details-confirm-yes")
 
 
-async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Browser) -> None:
+#: (chain, asset, amount, what the page asks to deposit) for Alice, then Bob.
+PAIRS = {
+    "eth-for-usdt": (("ETH", "ETH", "1.5", "1.5055 ETH"), ("POLYGON", "USDT", "4000", "4013 USDT")),
+    "alpha-for-eth": (("UNICITY", "ALPHA", "20", "20.0601 ALPHA"), ("ETH", "ETH", "0.5", "0.5025 ETH")),
+}
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Browser, pair: str) -> None:
+    (a_chain, a_asset, a_amount, a_deposit), (b_chain, b_asset, b_amount, _) = PAIRS[pair]
     base = system.procs["gateway"].url
     errors: list[str] = []
 
@@ -125,19 +143,19 @@ async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Bro
 
     # ------------------------------------------------------------------ create the deal on /
     home, _ = await open_page(f"{base}/")
-    await home.select_option("select[name=alice-chain]", "ETH")
-    await home.select_option("select[name=alice-asset]", "ETH")
-    await home.fill("input[name=alice-amount]", "1.5")
-    await home.select_option("select[name=bob-chain]", "POLYGON")
-    await home.select_option("select[name=bob-asset]", "USDT")
-    await home.fill("input[name=bob-amount]", "1.0000001")
+    await home.select_option("select[name=alice-chain]", a_chain)
+    await home.select_option("select[name=alice-asset]", a_asset)
+    await home.fill("input[name=alice-amount]", a_amount)
+    await home.select_option("select[name=bob-chain]", b_chain)
+    await home.select_option("select[name=bob-asset]", b_asset)
+    await home.fill("input[name=bob-amount]", "1.0000000000000000001")
     await home.wait_for_selector("[data-hint=bob-amount][data-state=error]")
-    assert "6 decimal places" in str(await home.text_content("[data-hint=bob-amount]"))
-    await home.fill("input[name=bob-amount]", "4000")
+    assert "decimal places" in str(await home.text_content("[data-hint=bob-amount]"))
+    await home.fill("input[name=bob-amount]", b_amount)
     await home.wait_for_selector("[data-hint=bob-amount][data-state=ok]")
     await home.fill("input[name=timeout]", "10")
     await home.fill("input[name=name]", "browser test")
-    await shot(home, "1-create")
+    await shot(home, f"{pair}-1-create")
     await home.click("#create-submit")
     await home.wait_for_selector("#created:not([hidden])")
     link_a = await home.input_value("#link-a")
@@ -149,7 +167,7 @@ async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Bro
         "() => { const t = document.querySelector('form.invite[data-party=ALICE] [data-role=invite-result]')"
         ".textContent; return t && t !== 'Sending…'; }"
     )
-    await shot(home, "2-created")
+    await shot(home, f"{pair}-2-created")
 
     deal_id, token_a = link_a.rsplit("/d/", 1)[1].split("/a/")
     token_b = link_b.rsplit("/b/", 1)[1]
@@ -157,8 +175,8 @@ async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Bro
         system,
         {"dealId": deal_id, "aliceToken": token_a, "bobToken": token_b},
         {
-            "ALICE": {"chainId": "ETH", "asset": "ETH", "amount": "1.5"},
-            "BOB": {"chainId": "POLYGON", "asset": "USDT", "amount": "4000"},
+            "ALICE": {"chainId": a_chain, "asset": a_asset, "amount": a_amount},
+            "BOB": {"chainId": b_chain, "asset": b_asset, "amount": b_amount},
         },
     )
 
@@ -174,7 +192,7 @@ async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Bro
 
     await fill_details(alice, deal.payback["ALICE"], deal.recipient["ALICE"])
     await alice.wait_for_selector("#deposit")  # pushed: the page shows its escrow address by itself
-    await shot(alice, "3-alice-filled")
+    await shot(alice, f"{pair}-3-alice-filled")
     bad = fresh_address().lower()
     await bob.fill("input[name=payback]", bad[:-1] + ("a" if bad[-1] != "a" else "b"))
     await bob.wait_for_selector("[data-hint=payback][data-state=error]")
@@ -182,11 +200,11 @@ async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Bro
     for page in (alice, bob):
         await wait_stage(page, "COLLECTION", 15, system)
         await page.wait_for_selector("[data-countdown=running]")
-    await shot(bob, "4-bob-collection")
+    await shot(bob, f"{pair}-4-bob-collection")
 
     escrow_on_page = (await alice.text_content("#escrow-address") or "").strip()
     assert escrow_on_page == await deal.escrow("ALICE")
-    assert (await alice.text_content("#deposit-amount") or "").strip() == "1.5055 ETH"
+    assert (await alice.text_content("#deposit-amount") or "").strip() == a_deposit
     assert await alice.locator("#deposit .qr svg").count() == 1
 
     # ------------------------------------------------------------------ fund both escrows
@@ -195,13 +213,13 @@ async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Bro
     )
     for page in (alice, bob):
         await wait_stage(page, "SWAP", 90, system)
-    await shot(alice, "5-alice-swap")
+    await shot(alice, f"{pair}-5-alice-swap")
     for page in (alice, bob):
         await wait_stage(page, "CLOSED", 120, system)
         await page.wait_for_selector("#outcome[data-outcome=SWAPPED]")
         assert await page.evaluate("() => window.__noReload === true"), "the page was reloaded"
-    await shot(alice, "6-alice-closed")
-    await shot(bob, "6-bob-closed")
+    await shot(alice, f"{pair}-6-alice-closed")
+    await shot(bob, f"{pair}-6-bob-closed")
     banner = await alice.text_content("#outcome h2") or ""
     assert "SWAPPED" in banner
 
@@ -214,7 +232,7 @@ async def test_two_traders_swap_through_the_pages(system: EvmStack, browser: Bro
         for page in (alice, bob):
             shown = float(await page.evaluate("key => document.documentElement.dataset[key]", shown_key(stage)))
             delays.setdefault(stage, []).append(shown - at)
-    print(f"\nparty page load: Alice {alice_load * 1000:.0f} ms, Bob {bob_load * 1000:.0f} ms")
+    print(f"\n{pair}: party page load: Alice {alice_load * 1000:.0f} ms, Bob {bob_load * 1000:.0f} ms")
     for stage, values in delays.items():
         print(f"engine stage change → {stage} shown on the pages: " + ", ".join(f"{v:.0f} ms" for v in values))
     assert all(v < 5000 for values in delays.values() for v in values), delays
