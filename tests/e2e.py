@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from otc_cli import contracts
 from otc_common.addresses import electrum_scripthash, segwit_address, utxo_script_pubkey
 from otc_common.money import parse_amount
 from tests.conftest import EvmChains
-from tests.support import UNLIMITED_RATES, RpcClient, ServiceProcess, tank_address
+from tests.support import UNLIMITED_RATES, RpcClient, ServiceProcess, tank_address, write_test_registry
 from tests.utxo_support import UnicityDevnet
 
 FUNDER = {"ALICE": 1, "BOB": 3}
@@ -38,6 +39,21 @@ def fresh_address_on(chain: str) -> str:
 
 def alpha_scripthash(address: str) -> str:
     return electrum_scripthash(utxo_script_pubkey(address, "alpha"))
+
+
+def chains_env(
+    service_env: dict[str, str], registry: Path, chains: EvmChains, devnet: UnicityDevnet | None = None
+) -> dict[str, str]:
+    """The services' environment with a registry (written to `registry`) naming these live chains."""
+    write_test_registry(
+        registry,
+        chains.rpc["ETH"],
+        chains.rpc["POLYGON"],
+        eth_usdt=chains.usdt["ETH"],
+        polygon_usdt=chains.usdt["POLYGON"],
+        **({"electrum": devnet.url} if devnet is not None else {}),
+    )
+    return {**service_env, "OTC_REGISTRY_FILE": str(registry)}
 
 
 class Chain:
@@ -281,3 +297,26 @@ class Deal:
             f"deal {self.id} not {stage}/{outcome} after {timeout}s: {status.get('stage')} "
             f"{status.get('transfers')}\n{self.stack.logs()}"
         )
+
+
+async def wait_until(read: Callable[[], Awaitable[Any]], expected: Any, stack: EvmStack, timeout: float = 60) -> None:
+    """Polls `read` until it returns `expected`; fails with the services' logs otherwise."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = await read()
+        if value == expected:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"expected {expected}, still {value}\n{stack.logs()}")
+
+
+async def mine_until(stack: EvmStack, deal: Deal, stage: str, limit: int = 60) -> dict[str, Any]:
+    """Mines a block on every chain at a time until the deal reaches `stage`."""
+    for _ in range(limit):
+        status = await deal.status()
+        if status["stage"] == stage:
+            return status
+        await stack.mine()
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"not {stage}: {(await deal.status())['stage']}\n{stack.logs()}")

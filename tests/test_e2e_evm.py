@@ -9,13 +9,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import EvmChains
-from tests.e2e import Deal, EvmStack
-from tests.support import OPERATOR_EVM, write_test_registry
+from tests.e2e import Deal, EvmStack, chains_env, wait_until
+from tests.support import OPERATOR_EVM
 
 ETH = 10**18
 USDT = 10**6
@@ -33,28 +32,11 @@ async def live_chains(work_dir: Path) -> AsyncIterator[EvmChains]:
 async def stack(
     service_env: dict[str, str], live_chains: EvmChains, tmp_path: Path, work_dir: Path
 ) -> AsyncIterator[EvmStack]:
-    registry = write_test_registry(
-        tmp_path / "registry.toml",
-        live_chains.rpc["ETH"],
-        live_chains.rpc["POLYGON"],
-        eth_usdt=live_chains.usdt["ETH"],
-        polygon_usdt=live_chains.usdt["POLYGON"],
-    )
-    running = EvmStack({**service_env, "OTC_REGISTRY_FILE": str(registry)}, work_dir, live_chains)
+    env = chains_env(service_env, tmp_path / "registry.toml", live_chains)
+    running = EvmStack(env, work_dir, live_chains)
     await running.start()
     yield running
     await running.stop()
-
-
-async def wait_until(read: Any, expected: int, stack: EvmStack, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = await read()
-        if value == expected:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"expected {expected}, still {value}\n{stack.logs()}")
 
 
 async def escrow_fees(stack: EvmStack, chain: str, escrow: str, since: int) -> tuple[int, int]:

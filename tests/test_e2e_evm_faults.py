@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EvmChains
-from tests.e2e import Deal, EvmStack
-from tests.support import write_test_registry
+from tests.e2e import Deal, EvmStack, chains_env, mine_until
 
 ETH = 10**18
 USDT = 10**6
@@ -24,28 +23,12 @@ USDT = 10**6
 @pytest.fixture
 async def stack(service_env: dict[str, str], tmp_path: Path, work_dir: Path) -> AsyncIterator[EvmStack]:
     chains = await asyncio.to_thread(EvmChains, work_dir)
-    registry = write_test_registry(
-        tmp_path / "registry.toml",
-        chains.rpc["ETH"],
-        chains.rpc["POLYGON"],
-        eth_usdt=chains.usdt["ETH"],
-        polygon_usdt=chains.usdt["POLYGON"],
-    )
-    running = EvmStack({**service_env, "OTC_REGISTRY_FILE": str(registry)}, work_dir, chains)
+    env = chains_env(service_env, tmp_path / "registry.toml", chains)
+    running = EvmStack(env, work_dir, chains)
     await running.start()
     yield running
     await running.stop()
     chains.stop()
-
-
-async def mine_until(stack: EvmStack, deal: Deal, stage: str, limit: int = 40) -> dict[str, object]:
-    for _ in range(limit):
-        status = await deal.status()
-        if status["stage"] == stage:
-            return status
-        await stack.mine()
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"not {stage}: {(await deal.status())['stage']}\n{stack.logs()}")
 
 
 async def fund_both(deal: Deal) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ from bitcoin.core import CTransaction, b2lx
 
 from otc_common.addresses import utxo_script_pubkey
 from tests.conftest import EvmChains
-from tests.e2e import Deal, EvmStack, alpha_scripthash
-from tests.support import ALPHA_ADDRESS, OPERATOR_EVM, write_test_registry
+from tests.e2e import Deal, EvmStack, alpha_scripthash, chains_env, mine_until, wait_until
+from tests.support import ALPHA_ADDRESS, OPERATOR_EVM
 from tests.utxo_support import UnicityDevnet
 
 ETH = 10**18
@@ -33,15 +33,8 @@ async def stack(
     service_env: dict[str, str], unicity_devnet: UnicityDevnet, tmp_path: Path, work_dir: Path
 ) -> AsyncIterator[EvmStack]:
     chains = await asyncio.to_thread(EvmChains, work_dir)
-    registry = write_test_registry(
-        tmp_path / "registry.toml",
-        chains.rpc["ETH"],
-        chains.rpc["POLYGON"],
-        eth_usdt=chains.usdt["ETH"],
-        polygon_usdt=chains.usdt["POLYGON"],
-        electrum=unicity_devnet.url,
-    )
-    env = {**service_env, "OTC_REGISTRY_FILE": str(registry), "OTC_BUMP_AFTER_SECONDS": "3"}
+    env = chains_env(service_env, tmp_path / "registry.toml", chains, unicity_devnet)
+    env["OTC_BUMP_AFTER_SECONDS"] = "3"
     running = EvmStack(env, work_dir, chains, devnet=unicity_devnet)
     await running.start()
     try:
@@ -49,27 +42,6 @@ async def stack(
     finally:
         await running.stop()
         chains.stop()
-
-
-async def eventually(read: Callable[[], Awaitable[Any]], expected: Any, stack: EvmStack, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = await read()
-        if value == expected:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"expected {expected}, still {value}\n{stack.logs()}")
-
-
-async def mine_until(stack: EvmStack, deal: Deal, stage: str, limit: int = 60) -> dict[str, Any]:
-    for _ in range(limit):
-        status = await deal.status()
-        if status["stage"] == stage:
-            return status
-        await stack.mine()
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"not {stage}: {(await deal.status())['stage']}\n{stack.logs()}")
 
 
 class Spend:
@@ -376,7 +348,7 @@ async def test_late_alpha_deposit_after_close_is_returned(stack: EvmStack) -> No
     spend = next(s for s in await spends_from(stack, await deal.escrow("ALICE")) if s.txid == returned["txid"])
     assert [b2lx(vin.prevout.hash) for vin in (await raw_tx(devnet, spend.txid)).vin] == [late]
     assert spend.paid(deal.payback["ALICE"]) == 2 * ALPHA - spend.fee
-    await eventually(lambda: stack.alpha_balance(deal.payback["ALICE"]), before + 2 * ALPHA - spend.fee, stack)
+    await wait_until(lambda: stack.alpha_balance(deal.payback["ALICE"]), before + 2 * ALPHA - spend.fee, stack)
     assert await stack.alpha_balance(deal.recipient["BOB"]) == 3 * ALPHA, "the swap is not paid again"
     [late_return] = [t for t in (await deal.status())["transfers"] if t["purpose"] == "LATE_RETURN"]
     assert late_return["txid"] == returned["txid"]

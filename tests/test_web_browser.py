@@ -18,8 +18,8 @@ import pytest
 from playwright.async_api import Browser, Page, ViewportSize, async_playwright
 
 from tests.conftest import EvmChains, Stack
-from tests.e2e import Deal, EvmStack, fresh_address
-from tests.support import ALICE_EVM, ALPHA_ADDRESS, BOB_EVM, RpcClient, ServiceProcess, write_test_registry
+from tests.e2e import Deal, EvmStack, chains_env, fresh_address
+from tests.support import ALICE_EVM, ALPHA_ADDRESS, BOB_EVM, RpcClient, ServiceProcess
 from tests.utxo_support import UnicityDevnet
 
 CHROMIUM = "/usr/bin/chromium"
@@ -54,18 +54,9 @@ async def system(
     tmp_path: Path,
     work_dir: Path,
 ) -> AsyncIterator[EvmStack]:
-    registry = write_test_registry(
-        tmp_path / "registry.toml",
-        live_chains.rpc["ETH"],
-        live_chains.rpc["POLYGON"],
-        eth_usdt=live_chains.usdt["ETH"],
-        polygon_usdt=live_chains.usdt["POLYGON"],
-        electrum=unicity_devnet.url,
-    )
+    env = chains_env(service_env, tmp_path / "registry.toml", live_chains, unicity_devnet)
     await unicity_devnet.call("devnet.autominer", BLOCK_SECONDS)
-    running = EvmStack(
-        {**service_env, "OTC_REGISTRY_FILE": str(registry)}, work_dir, live_chains, devnet=unicity_devnet
-    )
+    running = EvmStack(env, work_dir, live_chains, devnet=unicity_devnet)
     gateway = running.procs["gateway"]
     # The browser is on the gateway's own origin, which /rpc checks against the public URL.
     gateway.env["OTC_PUBLIC_BASE_URL"] = gateway.url
