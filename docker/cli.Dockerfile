@@ -21,11 +21,15 @@ WORKDIR /src
 COPY pyproject.toml uv.lock ./
 COPY libs/otc-common/pyproject.toml libs/otc-common/
 COPY libs/otc-devnet/pyproject.toml libs/otc-devnet/
+COPY services/engine/pyproject.toml services/engine/
+COPY services/chain-watcher-evm/pyproject.toml services/chain-watcher-evm/
 COPY libs/otc-cli/pyproject.toml libs/otc-cli/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-workspace --package otc-cli
 COPY libs/otc-common libs/otc-common
 COPY libs/otc-devnet libs/otc-devnet
+COPY services/engine services/engine
+COPY services/chain-watcher-evm services/chain-watcher-evm
 COPY libs/otc-cli libs/otc-cli
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable --package otc-cli

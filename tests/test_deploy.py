@@ -11,6 +11,9 @@ export (or ones listed below as still to be added).
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -32,7 +35,7 @@ import yaml
 from otc_cli.devstack import DEV_CHAINS
 from otc_common.keys import EscrowKeyring
 from otc_common.registry import ChainKind, parse_registry
-from otc_common.settings import BaseSettings
+from otc_common.settings import BaseSettings, env_name
 from otc_common.subjects import ConsumerSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,11 +52,7 @@ FIRST_CONTRACT = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 
 #: Metrics the alert rules and the dashboard use that no service exports yet: the rules and panels
 #: that need them stay silent until the named service adds them.
-PENDING_METRICS = {
-    "otc_tank_low_balance_threshold_wei": "tank: its low-balance threshold per chain, gauge {chain}",
-    "otc_deals_oldest_seconds": "engine: age of the oldest deal in each stage, gauge {stage}",
-    "otc_watcher_deposit_confirmation_seconds": "watchers: deposit first seen to threshold, histogram {chain}",
-}
+PENDING_METRICS: dict[str, str] = {}
 
 
 def tool(name: str) -> str:
@@ -203,6 +202,62 @@ def member_closure(name: str) -> set[str]:
                 seen.add(dep)
                 todo.append(dep)
     return seen
+
+
+def canonical(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+@cache
+def installed_closure(name: str) -> set[str]:
+    """Every distribution (workspace member or third party) that installing `name` from uv.lock brings."""
+    lock = tomllib.loads((REPO / "uv.lock").read_text(encoding="utf-8"))
+    dependencies = {
+        canonical(package["name"]): [canonical(d["name"]) for d in package.get("dependencies", [])]
+        for package in lock["package"]
+    }
+    seen = {canonical(name)}
+    todo = [canonical(name)]
+    while todo:
+        for dep in dependencies.get(todo.pop(), []):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def imported_top_level_modules(source: Path) -> dict[str, str]:
+    """Absolute imports of the package's sources: top-level module -> a file importing it."""
+    found: dict[str, str] = {}
+    for path in sorted(source.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], str(path.relative_to(REPO)))
+    return found
+
+
+@pytest.mark.parametrize("member", sorted(workspace()))
+def test_every_import_is_a_declared_dependency(member: str) -> None:
+    """An image installs a package with its locked dependencies only (uv sync --package --no-dev): an
+    import that the workspace's dev environment happens to provide would fail there at start-up."""
+    source = REPO / workspace()[member]["dir"] / "src"
+    own = {path.name for path in source.iterdir() if path.is_dir()}
+    providers = importlib.metadata.packages_distributions()
+    members = {name.replace("-", "_"): name for name in workspace()}
+    missing = []
+    for module, where in imported_top_level_modules(source).items():
+        if module in sys.stdlib_module_names or module in own or module == "__future__":
+            continue
+        candidates = {canonical(d) for d in providers.get(module, [])} or {canonical(members.get(module, module))}
+        if not candidates & installed_closure(member):
+            missing.append(f"{module} ({where}; from {', '.join(sorted(candidates))})")
+    assert not missing, f"{member} imports what its pyproject.toml does not bring: {missing}"
 
 
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
@@ -808,3 +863,78 @@ def test_grafana_dashboard_is_provisioned_and_covers_the_system() -> None:
     mounts = compose()["services"]["grafana"]["volumes"]
     path = provider["providers"][0]["options"]["path"]
     assert f"./deploy/grafana/dashboards:{path}:ro" in mounts
+
+
+# --- README -------------------------------------------------------------------------------------
+
+SERVICE_SETTINGS = {
+    "rpc-gateway": "otc_gateway.settings:GatewaySettings",
+    "engine": "otc_engine.settings:EngineSettings",
+    "queue-processor": "otc_queue.settings:QueueSettings",
+    "tank": "otc_tank.settings:TankSettings",
+    "chain-watcher-evm": "otc_watcher_evm.settings:WatcherSettings",
+    "chain-watcher-utxo": "otc_watcher_utxo.settings:WatcherSettings",
+}
+#: Read besides the settings classes: the signers' seed, and the tank's per-chain thresholds.
+EXTRA_VARIABLES = {
+    "queue-processor": {"OTC_SEED", "OTC_SEED_FILE"},
+    "tank": {"OTC_SEED", "OTC_SEED_FILE", "OTC_TANK_LOW_BALANCE_<CHAIN>"},
+}
+EVERY_SERVICE = "Every service"
+
+
+def readme_settings() -> dict[str, dict[str, str]]:
+    """README's configuration tables: section title -> variable -> its default cell."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = text[text.index("## Configuration\n") : text.index("### The registry\n")]
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            current = sections.setdefault(line[4:].strip(), {})
+        elif line.startswith("| `OTC_") and current is not None:
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            for variable in re.findall(r"`(OTC_[A-Z0-9_<>]+)`", cells[0]):
+                current[variable] = cells[-1]
+    return sections
+
+
+def shown(default: Any) -> str:
+    """A default as the README writes it."""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
+def test_readme_documents_every_setting_of_every_service_with_its_default() -> None:
+    sections = readme_settings()
+    common = sections[EVERY_SERVICE]
+    base = {f.name: f for f in msgspec.structs.fields(BaseSettings)}
+    assert set(common) == {env_name(name) for name in base}
+    for service, target in SERVICE_SETTINGS.items():
+        module, _, name = target.partition(":")
+        fields = msgspec.structs.fields(getattr(importlib.import_module(module), name))
+        own = sections.get(service, {})
+        for f in fields:
+            variable = env_name(f.name)
+            if f.name in base:
+                cell = common[variable]
+                if f.default == base[f.name].default:
+                    assert cell.startswith("required" if f.required else f"`{shown(f.default)}`"), (variable, cell)
+                else:
+                    # A service with its own default is named in the shared row, with that default.
+                    assert service in cell and (f.default == "" or f"`{shown(f.default)}`" in cell), (variable, cell)
+                continue
+            assert variable in own, f"README: {variable} of {service} is not documented"
+            cell = own[variable]
+            if f.required:
+                assert cell.startswith("required"), (service, variable, cell)
+            elif f.default == "":
+                assert cell.startswith("empty"), (service, variable, cell)
+            else:
+                assert cell.startswith(f"`{shown(f.default)}`"), (service, variable, cell)
+        known = {env_name(f.name) for f in fields} | EXTRA_VARIABLES.get(service, set())
+        assert set(own) <= known, f"README documents what {service} does not read: {sorted(set(own) - known)}"
+    assert set(sections) == {EVERY_SERVICE, *SERVICE_SETTINGS}, "one table per service"

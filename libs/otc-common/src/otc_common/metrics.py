@@ -16,3 +16,10 @@ CONSUMER_REDELIVERED = Counter("otc_consumer_redeliveries_total", "Messages nak'
 CONSUMER_TERMINATED = Counter("otc_consumer_terminated_total", "Undecodable messages terminated", ["consumer"])
 CONSUMER_LAG = Gauge("otc_consumer_pending_messages", "Messages pending for a durable consumer", ["consumer"])
 RPC_ERRORS = Counter("otc_chain_rpc_errors_total", "Chain RPC errors", ["chain"])
+#: Both chain watchers record it, so one panel shows every chain.
+DEPOSIT_CONFIRMATION = Histogram(
+    "otc_watcher_deposit_confirmation_seconds",
+    "From a watcher publishing a deposit to its block reaching the chain's confirmation threshold",
+    ["chain"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1800, 3600, 7200),
+)

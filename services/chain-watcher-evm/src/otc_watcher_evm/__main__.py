@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
 from otc_common import watchset
 from otc_common.registry import ChainKind
@@ -36,13 +35,15 @@ async def serve(chain_id: str) -> None:
     watcher: list[Watcher] = []
 
     async def follow_chain(loop: Loop) -> None:
-        await watcher[0].run(loop)
+        try:
+            await watcher[0].run(loop)
+        finally:
+            # Closed here, not left to the collector, which would log an unclosed session at every stop.
+            await watcher[0].rpc.close()
 
     service.loop("chain-follow", follow_chain)
 
     async def setup() -> None:
-        # httpx logs each request with its URL, and a node URL may carry an API key.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
         assert service.registry is not None
         chain = service.registry.chains.get(chain_id)
         if chain is None or chain.kind is not ChainKind.EVM or chain.rpc is None:

@@ -182,6 +182,20 @@ async def record_published(conn: Connection, found: Found, address: str, block: 
     return bool(fresh)
 
 
+async def confirm_deposits(conn: Connection, block_number: int) -> list[float]:
+    """Seconds each deposit of block `block_number` waited since it was published; each is reported once.
+
+    Unregistered tokens (recorded under their contract address) are no deposits and are left out.
+    """
+    rows = await conn.fetch(
+        """UPDATE published SET confirmed_at = now()
+           WHERE block_number = $1 AND seen_at IS NOT NULL AND confirmed_at IS NULL AND asset NOT LIKE '0x%'
+           RETURNING extract(epoch FROM confirmed_at - seen_at) AS waited""",
+        block_number,
+    )
+    return [float(row["waited"]) for row in rows]
+
+
 async def addresses_with_published(conn: Connection, addresses: Sequence[str], asset: str) -> set[str]:
     rows = await conn.fetch(
         "SELECT DISTINCT address FROM published WHERE address = ANY($1::text[]) AND asset = $2",

@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 import asyncpg
 
 from otc_common import chainwatch, subjects, watchset
+from otc_common import metrics as common_metrics
 from otc_common.addresses import evm_checksum_address
 from otc_common.bus import Bus, emit
 from otc_common.db import Connection, Pool
+from otc_common.evm_rpc import RpcFailure
 from otc_common.messages import (
     ChainReorg,
     ChainTip,
@@ -30,7 +32,7 @@ from otc_common.messages import (
 from otc_common.registry import Chain
 from otc_common.runtime import Loop
 from otc_watcher_evm import metrics, rules, store
-from otc_watcher_evm.rpc import EvmRpc, RpcError
+from otc_watcher_evm.rpc import EvmRpc
 from otc_watcher_evm.rules import Baseline, Block, Followed, Found, Receipt
 from otc_watcher_evm.store import Head, StoredBlock
 
@@ -79,13 +81,19 @@ class Watcher:
             try:
                 progressed = await self.step()
                 failures = 0
-            except RpcError as exc:
+            except RpcFailure as exc:
                 delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
                 failures += 1
                 log.warning("chain rpc failed: %s; retrying in %ss", exc, delay, extra={"chain": self.id})
                 await asyncio.sleep(delay)
                 continue
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,  # a pooled connection the database cut mid-reply (a restart)
+            ) as exc:
                 delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
                 failures += 1
                 log.warning(
@@ -119,7 +127,7 @@ class Watcher:
             return
         try:
             await work()
-        except RpcError as exc:
+        except RpcFailure as exc:
             self._aside_after[what] = time.monotonic() + ASIDE_RETRY_SECONDS
             log.warning("%s deferred: %s", what, exc, extra={"chain": self.id})
 
@@ -127,7 +135,7 @@ class Watcher:
         """Balances at the end of `block`; None when the node no longer serves that old state."""
         try:
             balances = await self.rpc.balances(addresses, block.hash)
-        except RpcError:
+        except RpcFailure:
             # The same call at the tip tells an old block's missing state from a failing node.
             await self.rpc.balances(addresses, None)
             metrics.BALANCE_DEFERRED.labels(self.id).inc()
@@ -180,7 +188,7 @@ class Watcher:
             follows = await store.open_follows(conn)
         logs = await self.rpc.logs_in_block(block.hash)
         if any(entry.block_hash != block.hash for entry in logs):
-            raise RpcError(f"logs of block {block.number} came from another block (reorg under way)")
+            raise RpcFailure(f"logs of block {block.number} came from another block (reorg under way)")
         known = sorted(previous)
         measured = await self._measure(known, block) if known else {}
         receipts: dict[str, Receipt] = {}
@@ -188,7 +196,7 @@ class Watcher:
             if tx.hash in follows:
                 receipt = await self.rpc.receipt(tx.hash, tx.gas_price)
                 if receipt is None or receipt.block_hash != block.hash:
-                    raise RpcError(f"receipt of {tx.hash} is not in block {block.number} (reorg under way)")
+                    raise RpcFailure(f"receipt of {tx.hash} is not in block {block.number} (reorg under way)")
                 receipts[tx.hash] = receipt
 
         native = rules.native_deposits(block, watched, self.native)
@@ -236,6 +244,7 @@ class Watcher:
             )
             await store.prune(conn, block.number - self.chain.reorg_window + 1)
             await store.set_head(conn, block.number, block.hash)
+            matured = await store.confirm_deposits(conn, block.number - self.chain.confirmations + 1)
             followed_count = await store.follow_count(conn)
 
         metrics.BLOCKS.labels(self.id).inc()
@@ -244,6 +253,8 @@ class Watcher:
         metrics.FOLLOWED.labels(self.id).set(followed_count)
         metrics.BLOCK_CPU.labels(self.id).observe(time.process_time() - cpu)
         metrics.BLOCK_SECONDS.labels(self.id).observe(time.perf_counter() - wall)
+        for waited in matured:
+            common_metrics.DEPOSIT_CONFIRMATION.labels(self.id).observe(waited)
         for address, missing in verdict.shortfalls.items():
             await self.bus.raise_alert(
                 "balance_below_deposits",
@@ -326,7 +337,7 @@ class Watcher:
         async def remote_block(number: int) -> Block:
             remote = await self.rpc.block(number, full=False)
             if remote is None:
-                raise RpcError(f"block {number} vanished while looking for the common ancestor")
+                raise RpcFailure(f"block {number} vanished while looking for the common ancestor")
             return remote
 
         ancestor = await chainwatch.find_common_ancestor(
@@ -337,7 +348,7 @@ class Watcher:
             lowest = stored[0].number if stored else head.number
             ancestor = await self.rpc.block(max(lowest - 1, 0), full=False)
             if ancestor is None:
-                raise RpcError("the block below the reorg window is missing")
+                raise RpcFailure("the block below the reorg window is missing")
         depth = head.number - ancestor.number
         if depth <= 0:
             return  # the node changed its mind again; the next step sees a consistent chain

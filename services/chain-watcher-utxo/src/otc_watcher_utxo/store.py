@@ -157,6 +157,20 @@ async def record_published(
     return bool(fresh)
 
 
+async def confirm_deposits(conn: Connection, block_number: int) -> list[float]:
+    """Seconds each deposit of block `block_number` waited since it was published; each is reported once.
+
+    A deposit whose history is read only after its block had the threshold is never reported: it did not wait.
+    """
+    rows = await conn.fetch(
+        """UPDATE published SET confirmed_at = now()
+           WHERE block_number = $1 AND seen_at IS NOT NULL AND confirmed_at IS NULL
+           RETURNING extract(epoch FROM confirmed_at - seen_at) AS waited""",
+        block_number,
+    )
+    return [float(row["waited"]) for row in rows]
+
+
 async def add_rescan(conn: Connection, scripthashes: Iterable[str]) -> None:
     await conn.execute(
         "INSERT INTO rescan (scripthash) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", sorted(set(scripthashes))

@@ -166,7 +166,13 @@ class Watcher:
                     log.warning("electrum request failed: %s; retrying in %ss", exc, delay, extra={"chain": self.id})
                     await asyncio.sleep(delay)
                     continue
-                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except (
+                    OSError,
+                    TimeoutError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    asyncpg.InternalClientError,  # a pooled connection the database cut mid-reply (a restart)
+                ) as exc:
                     delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
                     failures += 1
                     log.warning(
@@ -198,7 +204,13 @@ class Watcher:
                     await conn.execute("SELECT 1")
             except asyncio.CancelledError:
                 raise
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ) as exc:
                 log.warning("change listener interrupted (%s); resuming", type(exc).__name__, extra={"chain": self.id})
                 await asyncio.sleep(1.0)
             finally:
@@ -210,8 +222,7 @@ class Watcher:
         if not self.client.connected:
             return
         if not self.headers_subscribed:
-            self._on_header([await self.client.subscribe(HEADERS_METHOD)])
-            self.headers_subscribed = True
+            await self._subscribe_headers()
         if self.client.generation != self.generation:
             # A new connection: whatever happened while there was none shows in the histories.
             self.generation = self.client.generation
@@ -222,6 +233,15 @@ class Watcher:
         await self._follow_headers(loop)
         await self._resolve_follows()
         await self._scan()
+
+    async def _subscribe_headers(self) -> None:
+        told = self.server_tip
+        answer = await self.client.subscribe(HEADERS_METHOD)
+        # A block announced right behind the answer is handed over before this coroutine resumes;
+        # the answer is then the older tip and must not replace it.
+        if self.server_tip is told:
+            self._on_header([answer])
+        self.headers_subscribed = True
 
     def _mark(self, scripthashes: Iterable[str]) -> None:
         for scripthash in scripthashes:
@@ -358,9 +378,12 @@ class Watcher:
             )
             await store.prune(conn, header.height - self.chain.reorg_window + 1)
             await store.set_head(conn, header.height, header.hash)
+            matured = await store.confirm_deposits(conn, header.height - self.chain.confirmations + 1)
         metrics.BLOCKS.labels(self.id).inc()
         metrics.HEIGHT.labels(self.id).set(header.height)
         metrics.BLOCK_SECONDS.labels(self.id).observe(time.perf_counter() - started)
+        for waited in matured:
+            common_metrics.DEPOSIT_CONFIRMATION.labels(self.id).observe(waited)
         return Head(header.height, header.hash, 1 if head is None else head.version + 1)
 
     async def _reorg(self, head: Head) -> bool:

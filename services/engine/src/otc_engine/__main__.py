@@ -32,7 +32,7 @@ async def serve() -> None:
         await run_unwatcher(engine[0], loop)
 
     async def stage_gauge(loop: Loop) -> None:
-        await refresh_stage_gauge(service.db, loop)
+        await refresh_stage_gauge(service.db, loop, engine[0].registry.chains)
 
     async def solvency(loop: Loop) -> None:
         await run_solvency(engine[0], engine[0].registry, loop, interval_seconds=settings.solvency_interval_seconds)

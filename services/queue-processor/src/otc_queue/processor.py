@@ -75,8 +75,17 @@ CONFIRMATIONS = ConsumerSpec(
 )
 DEALS = ConsumerSpec(durable="queue-processor-deals", stream="DEALS", filter_subjects=[subjects.ALL_DEALS])
 
-#: Failures a worker waits out: the sweep wakes it again.
-TRANSIENT = (RpcUnavailable, RpcError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+#: Failures a worker waits out: the sweep wakes it again. InternalClientError is what asyncpg raises for a
+#: pooled connection the database cut mid-reply (a restart).
+TRANSIENT = (
+    RpcUnavailable,
+    RpcError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 #: Deals whose facts are kept in memory (they are immutable once complete).
 DEAL_CACHE_SIZE = 10_000

@@ -21,6 +21,7 @@ from otc_common import subjects
 from otc_common.addresses import AddressError
 from otc_common.bus import Bus, emit
 from otc_common.db import Connection, Pool
+from otc_common.evm_rpc import RpcFailure
 from otc_common.messages import (
     AlertRaised,
     Envelope,
@@ -34,7 +35,7 @@ from otc_common.money import format_amount
 from otc_common.registry import Chain, ChainKind, Registry
 from otc_common.runtime import Loop, Service
 from otc_tank import metrics, rules, store
-from otc_tank.rpc import ChainRpc, RpcError
+from otc_tank.rpc import ChainRpc
 from otc_tank.settings import TankSettings
 from otc_tank.wallet import TankWallet
 
@@ -43,11 +44,18 @@ log = logging.getLogger("otc.tank")
 #: Node answers to a re-sent transaction that mean it (or its nonce) is already known: not a failure.
 _ALREADY_KNOWN = ("already known", "known transaction", "nonce too low", "already imported", "alreadyknown")
 #: Expected trouble talking to the chain or the database; anything else is a bug and logged with its trace.
-_TRANSIENT = (RpcError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_TRANSIENT = (
+    RpcFailure,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a pooled connection the database cut mid-reply (a restart)
+)
 _RPC_WARNING_INTERVAL = 30.0
 
 
-class ChainMismatch(RpcError):
+class ChainMismatch(RpcFailure):
     """The node answers for a different chain than the registry names."""
 
     def __init__(self, detail: str) -> None:
@@ -71,6 +79,7 @@ class ChainTank:
         self.chain_id: int = chain.chain_id
         self.wallet = wallet
         self.threshold = threshold
+        metrics.LOW_BALANCE_THRESHOLD.labels(chain.id).set(threshold)
         self.rpc = ChainRpc(chain.id, chain.rpc, settings.tank_rpc_timeout_seconds)
         self.wake = asyncio.Event()
         self._announced_waits: set[str] = set()
@@ -272,7 +281,7 @@ class ChainTank:
         error: str | None = None
         try:
             await self.rpc.send_raw(raw)
-        except RpcError as exc:
+        except RpcFailure as exc:
             error = exc.detail[:500]
         metrics.BROADCASTS.labels(self.chain.id).inc()
         async with self.pool.acquire() as conn:
@@ -519,7 +528,7 @@ class Tank:
                 while not listener.is_closed():
                     loop.beat()
                     await asyncio.sleep(1.0)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
                 log.warning("request listener interrupted (%s); resuming", type(exc).__name__)
                 await asyncio.sleep(1.0)
             finally:

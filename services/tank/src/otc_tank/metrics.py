@@ -5,6 +5,11 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 BALANCE = Gauge("otc_tank_balance_wei", "Native balance of the tank wallet, refreshed every poll", ["chain"])
+LOW_BALANCE_THRESHOLD = Gauge(
+    "otc_tank_low_balance_threshold_wei",
+    "Balance below which the tank reports itself low (OTC_TANK_LOW_BALANCE[_<CHAIN>]), for alerts and dashboards",
+    ["chain"],
+)
 FUNDINGS = Counter(
     "otc_tank_fundings_total",
     "Funding requests settled: funded (a confirmed transaction) or not_needed (the escrow held enough)",

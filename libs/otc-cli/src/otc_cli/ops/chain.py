@@ -123,9 +123,10 @@ async def _rescan(config: Config, chain_id: str, height: int) -> dict[str, Any]:
     What it publishes again carries the same fact-derived event ids, so consumers ignore repeats.
     """
     from otc_common import watchset
+    from otc_common.evm_rpc import RpcFailure
     from otc_common.registry import ChainKind
     from otc_watcher_evm import store
-    from otc_watcher_evm.rpc import EvmRpc, RpcError
+    from otc_watcher_evm.rpc import EvmRpc
     from otc_watcher_evm.rules import Baseline
 
     chain = config.registry.chains.get(chain_id)
@@ -155,7 +156,7 @@ async def _rescan(config: Config, chain_id: str, height: int) -> dict[str, Any]:
                     rewound: dict[str, int] | None = (
                         await rpc.balances(sorted(previous), ancestor.hash) if previous else {}
                     )
-                except RpcError:
+                except RpcFailure:
                     rewound = None  # an old state the node no longer serves: re-measure without judging
                 async with conn.transaction():
                     if not await store.claim_head(conn, head):
@@ -181,7 +182,7 @@ async def _rescan(config: Config, chain_id: str, height: int) -> dict[str, Any]:
                     "balancesRewound": rewound is not None,
                 }
         raise OpsError(f"the {chain_id} watcher kept moving; try again")
-    except RpcError as exc:
+    except RpcFailure as exc:
         raise OpsError(f"{chain_id} node: {exc}") from None
     finally:
         await rpc.close()
