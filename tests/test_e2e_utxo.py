@@ -127,7 +127,9 @@ async def test_alpha_for_eth_happy_path_with_surplus_in_three_phases(stack: EvmS
     bob_in = await deal.required("BOB") + ETH // 10
     alice_escrow, bob_escrow = await deal.escrow("ALICE"), await deal.escrow("BOB")
     await asyncio.gather(deal.deposit("ALICE", alice_in), deal.deposit("BOB", bob_in))
-    await mine_until(stack, deal, "WAITING")
+    # One block: both deposits are mined (ETH's already has its own block), neither side is locked yet.
+    await devnet.mine(1)
+    await deal.wait("WAITING", timeout=30)
     # The locking block: both sides reach the threshold (2) with it; the ALPHA payout follows at once.
     locked_at = time.monotonic()
     await stack.mine()

@@ -172,3 +172,32 @@ def test_utxo_escrow_pays_in_three_confirmed_phases() -> None:
     )
     [surplus] = ledger.swap_steps(after_commission, TO).transfers
     assert (surplus.purpose, surplus.amount, surplus.phase, surplus.fee_from_amount) == (P.SURPLUS, 87, 3, True)
+
+
+@pytest.mark.parametrize("stage", [Stage.SWAP, Stage.REVERTED])
+def test_a_gas_return_skipped_as_dust_is_not_asked_for_again(stage: Stage) -> None:
+    """A fee bump can leave less tank gas than the return's own fee: the queue skips it, and that ends it."""
+    if stage is Stage.SWAP:
+        gas = GasFact(request_id="d:ALICE:gas:swap", status="FUNDED", amount=100)
+        spent = [done(P.SWAP_PAYOUT, 1000, fee=30), done(P.COMMISSION, 3, fee=30), done(P.SURPLUS, 7, fee=30)]
+    else:
+        gas = GasFact(request_id="d:ALICE:gas:refund", status="FUNDED", amount=100)
+        spent = [done(P.REFUND, 1010, fee=90)]
+    paid = escrow(native=False, deposits=[1010], gas=[gas], transfers=spent)
+    [gas_back] = ledger.next_steps(stage, paid, TO).transfers
+    assert (gas_back.purpose, gas_back.amount) == (P.GAS_RETURN, 10)
+    skipped = TransferFact(transfer_id="t-gas", purpose=P.GAS_RETURN, amount=10, status="SKIPPED", fee_from_amount=True)
+    steps = ledger.next_steps(stage, msgspec.structs.replace(paid, transfers=[*spent, skipped]), TO)
+    assert not steps.transfers and steps.complete
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_swap_is_not_done_while_less_counts_as_confirmed_than_went_out(native: bool) -> None:
+    """A late tip or a reorg can make paid-out deposits look unconfirmed: wait for them, do not close the deal."""
+    gas = [GasFact(request_id="d:ALICE:gas:swap", status="FUNDED", amount=100)] if not native else []
+    paid = [done(P.SWAP_PAYOUT, 1000, fee=7), done(P.COMMISSION, 3, fee=7)]
+    behind = escrow(native=native, deposits=[1100], tip_height=90, transfers=paid, gas=gas)  # 1 confirmation of 2
+    steps = ledger.swap_steps(behind, TO)
+    assert not steps.transfers and not steps.complete
+    caught_up = ledger.swap_steps(msgspec.structs.replace(behind, tip_height=100), TO)
+    assert [t.purpose for t in caught_up.transfers] == [P.SURPLUS]

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import msgspec
 from nats.aio.msg import Msg
 
@@ -25,6 +26,17 @@ from otc_common.messages import (
 from otc_engine.service import Engine
 
 log = logging.getLogger("otc.engine.api")
+
+#: What a PostgreSQL restart, failover or overload looks like from here.
+DATABASE_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
 
 _request_decoder = msgspec.json.Decoder(EngineRequest)
 _encoder = msgspec.json.Encoder()
@@ -86,6 +98,17 @@ class EngineApi:
             return EngineReply(result=await method(params))
         except AppError as exc:
             return EngineReply(error=RpcErrorBody(exc.code, exc.message, exc.data))
+        except DATABASE_UNREACHABLE as exc:
+            # A restart or failover of PostgreSQL is not the caller's fault and passes: tell them to retry. A
+            # connection lost during COMMIT leaves it unknown whether the call took effect, hence the wording.
+            log.warning("database unreachable for %s: %s", request.method, type(exc).__name__)
+            return EngineReply(
+                error=RpcErrorBody(
+                    ErrorCode.TEMPORARILY_UNAVAILABLE,
+                    "the service is temporarily unavailable; nothing was changed by this call unless its effect "
+                    "shows in otc.status; please retry shortly",
+                )
+            )
         except Exception:
             log.exception("engine method failed", extra={"method": request.method})
             return EngineReply(error=RpcErrorBody(ErrorCode.INTERNAL_ERROR, "internal error; nothing was changed"))

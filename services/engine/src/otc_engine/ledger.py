@@ -100,8 +100,12 @@ class Escrow(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def maturing(self) -> bool:
-        """A deposit is seen but not yet confirmed (or unmined by a reorg): wait before closing."""
-        return any(not self.is_confirmed(d) for d in self.deposits)
+        """A deposit is mined but not yet confirmed: wait before closing.
+
+        One a reorg unmined is not waited for: it may never be mined again, and a deal must not stay open
+        for it forever. If it is mined again after the close, it is returned as a late deposit.
+        """
+        return any(d.block_number is not None and not self.is_confirmed(d) for d in self.deposits)
 
     # ----------------------------------------------------------------- transfers
 
@@ -183,6 +187,9 @@ def _gas_return(escrow: Escrow, to: Destinations, phase: int) -> list[Planned]:
     left = escrow.gas_left
     if left <= 0 or any(t.live and not t.done for t in escrow.of(TransferPurpose.GAS_RETURN)):
         return []
+    if _skipped_as_dust(escrow, TransferPurpose.GAS_RETURN, left):
+        # Gas that cannot pay for its own return stays; asking again would loop forever and never close the deal.
+        return []
     return [Planned(purpose=TransferPurpose.GAS_RETURN, to=to.tank, amount=left, fee_from_amount=True, phase=phase)]
 
 
@@ -242,6 +249,10 @@ def swap_steps(escrow: Escrow, to: Destinations) -> Steps:
         # Everything left (deposits beyond the requirement, the unused fee reserve) goes back;
         # the escrow pays that transfer's fee out of it.
         left = held - escrow.asset_out - escrow.fees_paid_on_top
+        if left < 0:
+            # Less counts as confirmed than has already gone out: the view of the deposits is behind the chain
+            # (a reorg unmined one, a tip is late). Not done: wait until they count again, then pay the rest.
+            return Steps()
         if left > 0 and not escrow.of(TransferPurpose.SURPLUS):
             return Steps(
                 transfers=[
@@ -257,6 +268,9 @@ def swap_steps(escrow: Escrow, to: Destinations) -> Steps:
         # Deposits still maturing now are returned after close, as late deposits.
         return Steps(complete=True)
     late_tokens = held - escrow.asset_out
+    if late_tokens < 0:
+        # As for native escrows: the deposits' view is behind what has already been paid out; wait.
+        return Steps()
     if late_tokens > 0:
         # Tokens that arrived during the swap go back to the payback address, on the same gas.
         return Steps(
