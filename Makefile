@@ -5,7 +5,7 @@ SHELL := /bin/bash
 UV := python3 -m uv
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest clean
+.PHONY: install run test test-long bench lint typecheck pytest clean
 
 install:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -28,6 +28,14 @@ pytest:
 	$(UV) run pytest -q --durations=15 $(PYTEST_ARGS)
 
 test: install lint typecheck pytest
+
+# The long forms of the reliability tests: 200 chaos deals over 2 minutes of faults, 100,000 generated requests.
+test-long: install
+	OTC_CHAOS_LONG=1 OTC_FUZZ_REQUESTS=100000 $(UV) run pytest -q -s --durations=15 tests/test_chaos.py tests/test_gateway_fuzz.py
+
+# Every benchmark at full size (a table on stdout, JSON in bench/results/); see docs/performance.md.
+bench: install
+	$(UV) run python -m bench.run_all
 
 clean:
 	rm -rf .otc .venv node_modules .pytest_cache .mypy_cache .ruff_cache

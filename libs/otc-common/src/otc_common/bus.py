@@ -181,6 +181,8 @@ class OutboxRelay:
                 OSError,
                 asyncpg.PostgresError,
                 asyncpg.InterfaceError,
+                # What asyncpg raises for a pooled connection the server cut mid-reply (a restart).
+                asyncpg.InternalClientError,
                 nats.errors.Error,
                 TimeoutError,
             ) as exc:

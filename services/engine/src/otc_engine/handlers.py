@@ -54,7 +54,7 @@ class Handlers:
         if isinstance(message, DepositObserved):
             await self._deposit(conn, message, now)
         elif isinstance(message, ChainTip):
-            await store.set_tip(conn, message.chain, message.height, message.hash)
+            await store.advance_tip(conn, message.chain, message.height, message.hash)
             chain = self.registry.chains.get(message.chain)
             if chain is not None:
                 deals = await store.deals_maturing_on(conn, message.chain, message.height, chain.confirmations)
@@ -104,8 +104,10 @@ class Handlers:
         chain = self.registry.chains.get(message.chain)
         REORGS.labels(message.chain).inc()
         REORG_DEPTH.labels(message.chain).observe(message.depth)
-        affected = await store.unmine_above(conn, message.chain, message.ancestor_height)
-        await store.set_tip(conn, message.chain, message.new_tip_height, message.new_tip_hash)
+        affected = await store.unmine_blocks(conn, message.chain, message.removed_hashes)
+        await store.set_tip_after_reorg(
+            conn, message.chain, message.new_tip_height, message.new_tip_hash, message.removed_hashes
+        )
         if chain is not None and message.depth >= chain.confirmations:
             # Safeguard 8: confirmed history changed; stop paying on this chain rather than guess.
             reason = f"reorg of depth {message.depth} at height {message.ancestor_height} >= {chain.confirmations}"

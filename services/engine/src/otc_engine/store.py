@@ -220,13 +220,36 @@ async def upsert_deposit(
     return row is not None
 
 
-async def set_tip(conn: Connection, chain: str, height: int, block_hash: str) -> None:
+# Chain events can arrive out of order: what a killed consumer (or a handler failing while the database restarts)
+# left unacknowledged comes back up to ack_wait later, after newer events. A late report must not roll the engine's
+# view of the chain back, so the tip only moves forward, except onto the new branch of a reorg that replaced it.
+
+
+async def advance_tip(conn: Connection, chain: str, height: int, block_hash: str) -> None:
+    """A tip report: ignored when older than the tip already recorded."""
     await conn.execute(
         """INSERT INTO chain_tips (chain, height, hash) VALUES ($1, $2, $3)
-           ON CONFLICT (chain) DO UPDATE SET height = EXCLUDED.height, hash = EXCLUDED.hash, updated_at = now()""",
+           ON CONFLICT (chain) DO UPDATE SET height = EXCLUDED.height, hash = EXCLUDED.hash, updated_at = now()
+           WHERE chain_tips.height < EXCLUDED.height""",
         chain,
         height,
         block_hash,
+    )
+
+
+async def set_tip_after_reorg(
+    conn: Connection, chain: str, height: int, block_hash: str, removed_hashes: Sequence[str]
+) -> None:
+    """A reorg's new tip: taken when the recorded tip is one of the replaced blocks or not above it (a late report
+    of a reorg the engine has moved past since changes nothing)."""
+    await conn.execute(
+        """INSERT INTO chain_tips (chain, height, hash) VALUES ($1, $2, $3)
+           ON CONFLICT (chain) DO UPDATE SET height = EXCLUDED.height, hash = EXCLUDED.hash, updated_at = now()
+           WHERE chain_tips.height <= EXCLUDED.height OR chain_tips.hash = ANY($4::text[])""",
+        chain,
+        height,
+        block_hash,
+        list(removed_hashes),
     )
 
 
@@ -245,12 +268,18 @@ async def deals_maturing_on(conn: Connection, chain: str, height: int, confirmat
     return [row["deal_id"] for row in rows]
 
 
-async def unmine_above(conn: Connection, chain: str, height: int) -> list[str]:
+async def unmine_blocks(conn: Connection, chain: str, removed_hashes: Sequence[str]) -> list[str]:
+    """Deposits recorded in the blocks a reorg replaced are unmined until a watcher sees them again.
+
+    By block hash, not height: watchers publish deposits only from blocks they hold, and list all of those a reorg
+    replaced. A late report of an old reorg then leaves alone the deposits seen again in the new branch since,
+    which no watcher would report a second time: by height it would unmine them for good.
+    """
     rows = await conn.fetch(
         """UPDATE deposits SET block_number = NULL, block_hash = NULL, block_time = NULL
-           WHERE chain = $1 AND block_number > $2 RETURNING deal_id""",
+           WHERE chain = $1 AND block_hash = ANY($2::text[]) RETURNING deal_id""",
         chain,
-        height,
+        list(removed_hashes),
     )
     return sorted({row["deal_id"] for row in rows})
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
+
 from otc_common import subjects
 from otc_common.bus import emit
 from otc_common.messages import EscrowUnwatch
@@ -16,6 +18,9 @@ log = logging.getLogger("otc.engine.sweeper")
 
 SWEEP_INTERVAL_SECONDS = 0.25
 BATCH = 200
+#: How a database restart or failover surfaces (InternalClientError: a pooled connection cut mid-reply). A pass is
+#: one transaction, rolled back on failure, so the loop retries instead of taking the engine down with it.
+TRANSIENT = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 async def sweep_once(engine: Engine) -> int:
@@ -35,8 +40,8 @@ async def run_sweeper(engine: Engine, loop: Loop) -> None:
         loop.beat()
         try:
             changed = await sweep_once(engine)
-        except (OSError, ConnectionError) as exc:
-            log.warning("deadline sweep failed (%s); retrying", exc)
+        except TRANSIENT as exc:
+            log.warning("deadline sweep failed (%s: %s); retrying", type(exc).__name__, exc)
             changed = 0
         if changed < BATCH:
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
@@ -67,8 +72,8 @@ async def run_unwatcher(engine: Engine, loop: Loop) -> None:
         loop.beat()
         try:
             done = await unwatch_once(engine)
-        except (OSError, ConnectionError) as exc:
-            log.warning("post-close unwatch failed (%s); retrying", exc)
+        except TRANSIENT as exc:
+            log.warning("post-close unwatch failed (%s: %s); retrying", type(exc).__name__, exc)
             done = 0
         if done < BATCH:
             await asyncio.sleep(UNWATCH_INTERVAL_SECONDS)

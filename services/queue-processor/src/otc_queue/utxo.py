@@ -141,10 +141,14 @@ class UtxoBackend:
             raise
 
     async def _tip(self) -> int:
+        return (await self._tip_block())[0]
+
+    async def _tip_block(self) -> tuple[int, str]:
+        """The tip's height and header."""
         header = await self._call("blockchain.headers.subscribe")
         if not isinstance(header, dict):
             raise RpcUnavailable("blockchain.headers.subscribe: unexpected answer")
-        return _int(header.get("height"), "tip height")
+        return _int(header.get("height"), "tip height"), str(header.get("hex"))
 
     async def rates(self) -> tuple[int, int]:
         """(the rate to pay, the relay fee), both in sat per 1000 vB."""
@@ -172,10 +176,17 @@ class UtxoBackend:
         return UtxoReading(tip=tip, coins=[_coin(item) for item in unspent], rate=rate, relay=relay)
 
     async def look(self, address: str) -> Seen:
-        """The escrow's history (every leg spends an escrow output, so every candidate is in it)."""
+        """The escrow's history (every leg spends an escrow output, so every candidate is in it), as of one tip.
+
+        The same tip must be there before and after the history is read. A reorg in between would leave the height
+        of a transaction it dropped next to the new branch's higher tip, and the dropped payout would count as
+        confirmed, for good. A tip that moved only means reading again at the next look.
+        """
+        before = await self._tip_block()
         history = await self._call("blockchain.scripthash.get_history", self.scripthash(address))
-        # After the history, so that the tip is never older than a height read before it.
-        tip = await self._tip()
+        tip, header = await self._tip_block()
+        if (tip, header) != before:
+            raise RpcUnavailable("the tip moved while the escrow's history was read; it is read again")
         if not isinstance(history, list):
             raise RpcUnavailable("blockchain.scripthash.get_history: unexpected answer")
         heights: dict[str, int] = {}

@@ -1,0 +1,98 @@
+"""Chain events that arrive late must not roll the engine's view of the chain back.
+
+Found by the chaos simulation. A consumer fetches events in batches, and what a killed engine (or a handler that
+failed while PostgreSQL restarted) left unacknowledged comes back up to 30 s later, after newer events:
+- a stale tip report moved the tip back, the deposits looked unconfirmed, and the ledger took "less confirmed than
+  already paid out" for "nothing left": the deal closed SWAPPED with its surplus still in the escrow;
+- a stale reorg report unmined, by height, deposits that had been seen again in the new branch since; no watcher
+  reports them again, so the deal stayed in COLLECTION with both deposits in its escrows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from otc_common.db import Pool, create_pool, migrate, package_migrations
+from otc_common.messages import ChainReorg, ChainTip, Party, decode_envelope, encode_envelope
+from otc_common.registry import load_registry
+from otc_engine import store
+from otc_engine.handlers import Handlers
+from otc_engine.service import Engine
+
+
+@pytest.fixture
+async def engine_pool(database_url: str) -> AsyncIterator[Pool]:
+    pool = await create_pool(database_url, "engine", max_size=2)
+    await migrate(pool, "engine", package_migrations("otc_engine"))
+    yield pool
+    await pool.close()
+
+
+async def deliver(pool: Pool, handlers: Handlers, message: ChainTip | ChainReorg) -> None:
+    envelope, payload = decode_envelope(encode_envelope(message))
+    async with pool.acquire() as conn, conn.transaction():
+        await handlers.chain(conn, envelope, payload)
+
+
+async def tip(pool: Pool) -> tuple[int, str]:
+    row = await pool.fetchrow("SELECT height, hash FROM chain_tips WHERE chain = 'POLYGON'")
+    assert row is not None
+    return int(row["height"]), str(row["hash"])
+
+
+def reorg(ancestor: int, removed: list[str], new_tip: int, new_hash: str) -> ChainReorg:
+    return ChainReorg(
+        chain="POLYGON",
+        ancestor_height=ancestor,
+        ancestor_hash=f"h{ancestor}",
+        depth=len(removed),
+        removed_hashes=removed,
+        new_tip_height=new_tip,
+        new_tip_hash=new_hash,
+    )
+
+
+async def test_late_tip_and_reorg_reports_do_not_move_the_tip_back(engine_pool: Pool, registry_file: Path) -> None:
+    registry = load_registry(str(registry_file))
+    handlers = Handlers(Engine(engine_pool, registry), registry)
+    for height in (50, 51, 52):
+        await deliver(engine_pool, handlers, ChainTip(chain="POLYGON", height=height, hash=f"h{height}", time=0))
+    await deliver(engine_pool, handlers, ChainTip(chain="POLYGON", height=45, hash="h45", time=0))
+    assert await tip(engine_pool) == (52, "h52"), "a redelivered old tip moved the tip back"
+    await deliver(engine_pool, handlers, reorg(40, ["h41"], 42, "x42"))
+    assert await tip(engine_pool) == (52, "h52"), "a late report of an old reorg moved the tip back"
+    # A reorg that replaced the recorded tip moves it onto the new branch, at the same height too (anvil).
+    await deliver(engine_pool, handlers, reorg(51, ["h52"], 52, "x52"))
+    assert await tip(engine_pool) == (52, "x52")
+
+
+async def test_a_late_reorg_report_unmines_only_deposits_still_in_the_blocks_it_replaced(engine_pool: Pool) -> None:
+    await engine_pool.execute(
+        "INSERT INTO deals (deal_id, name, stage, timeout_seconds) VALUES ('d1', 'd1', 'WAITING', 600)"
+    )
+    now = datetime.now(UTC)
+    async with engine_pool.acquire() as conn:
+        # Both deposits were in block 37 of a branch a reorg replaced; one was seen again in the new block 37.
+        for txid, block_hash in (("0xseen-again", "new37"), ("0xgone", "old37")):
+            await store.upsert_deposit(
+                conn,
+                chain="POLYGON",
+                txid=txid,
+                idx=0,
+                deal_id="d1",
+                party=Party.BOB,
+                address="0xescrow",
+                asset="MATIC",
+                amount=5,
+                block_number=37,
+                block_hash=block_hash,
+                block_time=now,
+            )
+        # The report of that reorg arrives only now.
+        assert await store.unmine_blocks(conn, "POLYGON", ["old37", "old38"]) == ["d1"]
+        rows = await conn.fetch("SELECT txid, block_number FROM deposits ORDER BY txid")
+    assert [(r["txid"], r["block_number"]) for r in rows] == [("0xgone", None), ("0xseen-again", 37)]
