@@ -23,3 +23,22 @@ DEPOSIT_CONFIRMATION = Histogram(
     ["chain"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1800, 3600, 7200),
 )
+
+
+# The chain watchers' metrics: one set for both kinds (EVM, UTXO), so one dashboard shows every chain and a
+# process that loads both watchers' code (the operator CLI, the tests) registers each name once.
+WATCHER_RPC_CALLS = Counter("otc_watcher_rpc_calls_total", "Requests made to the chain's node", ["chain", "method"])
+WATCHER_BLOCKS = Counter(
+    "otc_watcher_blocks_total", "Blocks processed (re-processing after a reorg included)", ["chain"]
+)
+WATCHER_BLOCK_SECONDS = Histogram(
+    "otc_watcher_block_seconds",
+    "Wall time to process one block, its database transaction included",
+    ["chain"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+WATCHER_HEIGHT = Gauge("otc_watcher_height", "Last processed block", ["chain"])
+WATCHER_WATCHED = Gauge("otc_watcher_watched_addresses", "Escrows in the watch set", ["chain"])
+WATCHER_FOLLOWED = Gauge("otc_watcher_followed_transactions", "Transactions followed for confirmations", ["chain"])
+WATCHER_REORGS = Counter("otc_watcher_reorgs_total", "Reorgs detected", ["chain"])
+WATCHER_DEPOSITS = Counter("otc_watcher_deposits_total", "Deposits published", ["chain", "kind"])

@@ -1,20 +1,18 @@
-"""The watcher's Prometheus metrics, named as the EVM watcher's so one dashboard shows every chain."""
+"""The UTXO watcher's metrics: the watchers' shared set (otc_common.metrics) and its own."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter
 
-RPC_CALLS = Counter("otc_watcher_rpc_calls_total", "Requests made to the chain's Electrum server", ["chain", "method"])
-BLOCKS = Counter("otc_watcher_blocks_total", "Blocks processed (re-processing after a reorg included)", ["chain"])
-BLOCK_SECONDS = Histogram(
-    "otc_watcher_block_seconds",
-    "Wall time to process one block header, its database transaction included",
-    ["chain"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
-HEIGHT = Gauge("otc_watcher_height", "Last processed block", ["chain"])
-WATCHED = Gauge("otc_watcher_watched_addresses", "Escrows in the watch set", ["chain"])
-FOLLOWED = Gauge("otc_watcher_followed_transactions", "Transactions followed for confirmations", ["chain"])
-REORGS = Counter("otc_watcher_reorgs_total", "Reorgs detected", ["chain"])
-DEPOSITS = Counter("otc_watcher_deposits_total", "Deposits published", ["chain", "kind"])
+from otc_common.metrics import WATCHER_BLOCK_SECONDS as BLOCK_SECONDS
+from otc_common.metrics import WATCHER_BLOCKS as BLOCKS
+from otc_common.metrics import WATCHER_DEPOSITS as DEPOSITS
+from otc_common.metrics import WATCHER_FOLLOWED as FOLLOWED
+from otc_common.metrics import WATCHER_HEIGHT as HEIGHT
+from otc_common.metrics import WATCHER_REORGS as REORGS
+from otc_common.metrics import WATCHER_RPC_CALLS as RPC_CALLS
+from otc_common.metrics import WATCHER_WATCHED as WATCHED
+
+__all__ = ["BLOCKS", "BLOCK_SECONDS", "DEPOSITS", "FOLLOWED", "HEIGHT", "REORGS", "RPC_CALLS", "SCANS", "WATCHED"]
+
 SCANS = Counter("otc_watcher_history_scans_total", "Scripthash histories read and acted on", ["chain"])
