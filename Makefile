@@ -5,7 +5,7 @@ SHELL := /bin/bash
 UV := python3 -m uv
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-long bench lint typecheck pytest clean
+.PHONY: install run test test-long bench bench-quick lint typecheck pytest clean
 
 install:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -36,6 +36,10 @@ test-long: install
 # Every benchmark at full size (a table on stdout, JSON in bench/results/); see docs/performance.md.
 bench: install
 	$(UV) run python -m bench.run_all
+
+# The same at smoke-test sizes (a few minutes).
+bench-quick: install
+	$(UV) run python -m bench.run_all --quick
 
 clean:
 	rm -rf .otc .venv node_modules .pytest_cache .mypy_cache .ruff_cache
