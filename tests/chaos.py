@@ -214,6 +214,9 @@ class ChaosMiner:
         self.log = log
         self.interval = interval
         self.locks = {chain: asyncio.Lock() for chain in CHAINS}
+        #: Held while a reorg rewrites a chain: a transaction sent to the node meanwhile can be lost (anvil hands out
+        #: a nonce the re-included transactions then take), so deposits wait for it.
+        self.rewriting = {chain: asyncio.Lock() for chain in CHAINS}
         self.blocks: Counter[str] = Counter()
         self.held_seconds: defaultdict[str, float] = defaultdict(float)
         self.errors: list[str] = []
@@ -245,7 +248,8 @@ class ChaosMiner:
     async def reorg_unicity(self, drop_txid: str) -> None:
         """Replaces the devnet's tip block (two new ones, without `drop_txid`); the caller holds the chain."""
         before = time.time()
-        await self.devnet.reorg(1, [drop_txid])
+        async with self.rewriting["UNICITY"]:
+            await self.devnet.reorg(1, [drop_txid])
         self.log.note("UNICITY", before, await self.height("UNICITY"))
         self.blocks["UNICITY"] += 2
 
@@ -584,7 +588,8 @@ class DealMix:
         escrow = deal.escrow[party]
         if side.chain == "UNICITY":
             assert self.devnet is not None
-            txid = await self.devnet.faucet(escrow, amount)
+            async with self.miner.rewriting["UNICITY"]:
+                txid = await self.devnet.faucet(escrow, amount)
         else:
             chain = self.evm[side.chain]
             sender = contracts.anvil_address(self.next_funder() if funder is None else funder)
@@ -595,7 +600,7 @@ class DealMix:
                 tx = {"from": sender, "to": self.stack.chains.usdt[side.chain], "data": data}
             # Anvil's dev accounts are unlocked and anvil hands out the nonce, but two requests of one sender at
             # the same moment can get the same one: one at a time per sender and chain.
-            async with self._senders[(side.chain, sender)]:
+            async with self._senders[(side.chain, sender)], self.miner.rewriting[side.chain]:
                 txid = str(await chain.call("eth_sendTransaction", tx))
         deal.deposits.append((party, txid, amount))
         return txid
@@ -705,7 +710,8 @@ class DealMix:
                 await self.miner.reorg_unicity(txid)
                 deal.dropped = [txid]
             else:
-                deal.dropped = await evm_reorg_dropping(self.evm[chain], txid)
+                async with self.miner.rewriting[chain]:
+                    deal.dropped = await evm_reorg_dropping(self.evm[chain], txid)
             deal.notes.append("deposit reorged")
         if await self.wait_for(deal, lambda s: s["stage"] == "COLLECTION", 60, "COLLECTION again", soft=True):
             deal.notes.append("collection again")
@@ -752,7 +758,8 @@ class DealMix:
                 await self.miner.reorg_unicity(payout)
                 deal.dropped = [payout]
             else:
-                deal.dropped = await evm_reorg_dropping(self.evm[chain], payout)
+                async with self.miner.rewriting[chain]:
+                    deal.dropped = await evm_reorg_dropping(self.evm[chain], payout)
             deal.reorged_payout = payout
             deal.notes.append("payout reorged")
 
@@ -1267,6 +1274,7 @@ class InvariantChecker:
             await self._check_recipients(report, deal, swapped)
             await self._check_reorg(report, deal, candidates, spends, raws)
             await self.check_dropped(report, deal)
+            await self.check_deposits_mined(report, deal)
 
         failing = sorted({d.id for d in deals for v in report.violations if d.id and d.id in v})
         if failing:
@@ -1400,6 +1408,22 @@ class InvariantChecker:
                 on_chain = bytes.fromhex(text[2:])
             if stored != on_chain:
                 report.fail(f"{deal.label()}: the payout mined again is not the bytes the queue stored")
+
+    async def check_deposits_mined(self, report: Report, deal: ChaosDeal) -> None:
+        """Every deposit sent is on its chain, unless a reorg of this test dropped it (then it was sent again)."""
+        for party, txid, _ in deal.deposits:
+            if txid in deal.dropped:
+                continue
+            chain = deal.side(party).chain
+            if chain == "UNICITY":
+                history = await self.devnet.call(
+                    "blockchain.scripthash.get_history", alpha_scripthash(deal.escrow[party])
+                )
+                mined = any(entry["tx_hash"] == txid and entry["height"] > 0 for entry in history)
+            else:
+                mined = await self.evm[chain].receipt(txid) is not None
+            if not mined:
+                report.fail(f"{deal.label()}: the {party} deposit {txid} was never mined (lost by the node)")
 
     async def check_dropped(self, report: Report, deal: ChaosDeal) -> None:
         """A deposit a reorg dropped (and that nobody sent again) is on no chain."""
