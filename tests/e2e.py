@@ -245,10 +245,16 @@ class Deal:
             )
 
     async def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.stack.rpc.result(
-            "otc.status", {"dealId": self.id, "token": self.tokens["ALICE"]}
-        )
-        return result
+        """The deal's status; "temporarily unavailable" (1010, a server restarting) is retried as clients are told."""
+        deadline = time.monotonic() + 60
+        while True:
+            reply = await self.stack.rpc.call("otc.status", {"dealId": self.id, "token": self.tokens["ALICE"]})
+            error = reply.get("error")
+            if error is None:
+                result: dict[str, Any] = reply["result"]
+                return result
+            assert error["code"] == 1010 and time.monotonic() < deadline, reply
+            await asyncio.sleep(0.2)
 
     async def required(self, party: str) -> int:
         instructions = (await self.status())["instructions"][party.lower()]
