@@ -46,19 +46,11 @@ class LosesFirstAcks(ConsumerRunner):
         super().__init__(*args, **kwargs)
         self.skipped = 0
 
-    async def process(self, msg: Any) -> None:
+    async def ack(self, msg: Any) -> None:
         if msg.metadata.num_delivered == 1 and self.skipped < 20:
             self.skipped += 1
-            original_ack = msg.ack
-
-            async def no_ack() -> None:
-                return None
-
-            msg.ack = no_ack
-            await super().process(msg)
-            msg.ack = original_ack
             return
-        await super().process(msg)
+        await super().ack(msg)
 
 
 @pytest.fixture
@@ -190,3 +182,71 @@ async def test_migrations_apply_once_under_concurrency(database_url: str) -> Non
     await conn.close()
     for pool in pools:
         await pool.close()
+
+
+class CountsTransactions(ConsumerRunner):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.transactions = 0
+
+    def before_transaction(self) -> None:
+        self.transactions += 1
+
+
+async def test_a_failing_event_in_a_run_delays_only_itself(
+    clean_nats: str, database_url: str, pools: tuple[Pool, Pool]
+) -> None:
+    """Events are handled many to a transaction; one that fails is rolled back alone and retried."""
+    _, consumer_pool = pools
+    bus = await Bus.connect(clean_nats, "test")
+    await bus.provision_streams()
+    await bus.provision_consumer(SPEC)
+    total = 60
+    for i in range(total):
+        await bus.publish(subjects.deal(f"d{i}"), PartyDetailsFilled(deal_id=f"d{i}", party=Party.ALICE))
+    attempts: dict[str, int] = {}
+
+    async def handler(conn: Connection, envelope: Envelope, message: Message) -> None:
+        assert isinstance(message, PartyDetailsFilled)
+        await conn.execute("INSERT INTO effects VALUES ($1, $2)", envelope.event_id, message.deal_id)
+        attempts[message.deal_id] = attempts.get(message.deal_id, 0) + 1
+        if message.deal_id == "d17" and attempts["d17"] <= 3:
+            raise ConnectionError("d17 fails for a while")
+
+    runner = CountsTransactions(bus, consumer_pool, SPEC, handler)
+    task = asyncio.create_task(runner.run())
+    try:
+
+        async def all_effects() -> bool:
+            return bool(await consumer_pool.fetchval("SELECT count(*) FROM effects") >= total)
+
+        await wait_for(all_effects)
+        others = await consumer_pool.fetchval("SELECT count(*) FROM effects WHERE deal_id <> 'd17'")
+    finally:
+        runner.stopping.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    rows = await consumer_pool.fetch("SELECT deal_id, count(*) AS n FROM effects GROUP BY deal_id")
+    assert {row["deal_id"] for row in rows} == {f"d{i}" for i in range(total)}
+    assert all(row["n"] == 1 for row in rows), "a rolled-back run must leave no effect behind"
+    assert others == total - 1
+    assert attempts["d17"] == 4, "the failing event is retried until it succeeds"
+    # Two runs' worth of transactions plus the retries, far fewer than one per event.
+    assert runner.transactions < total / 2, runner.transactions
+    await bus.close()
+
+
+async def test_provisioning_again_updates_a_consumers_filter(clean_nats: str) -> None:
+    """A new release that narrows what a durable consumer reads takes effect on the existing consumer."""
+    bus = await Bus.connect(clean_nats, "test")
+    await bus.provision_streams()
+    wide = ConsumerSpec(durable="narrowing", stream="CHAIN", filter_subjects=["otc.chain.>"])
+    narrow = ConsumerSpec(
+        durable="narrowing", stream="CHAIN", filter_subjects=["otc.chain.*.deposit", "otc.chain.*.tip"]
+    )
+    await bus.provision_consumer(wide)
+    await bus.provision_consumer(narrow)
+    info = await bus.js.consumer_info("CHAIN", "narrowing")
+    assert sorted(info.config.filter_subjects or []) == sorted(narrow.filter_subjects)
+    await bus.provision_consumer(narrow)  # and again, unchanged
+    await bus.close()

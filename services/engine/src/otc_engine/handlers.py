@@ -34,7 +34,12 @@ from otc_engine.service import Engine, now_utc
 
 log = logging.getLogger("otc.engine.handlers")
 
-CHAIN_EVENTS = ConsumerSpec(durable="engine-chain", stream="CHAIN", filter_subjects=["otc.chain.>"])
+#: Not the confirmations of the queue's own transactions: those reach the engine as queue results.
+CHAIN_EVENTS = ConsumerSpec(
+    durable="engine-chain",
+    stream="CHAIN",
+    filter_subjects=[subjects.chain_event("*", kind) for kind in ("deposit", "tip", "reorg")],
+)
 QUEUE_RESULTS = ConsumerSpec(durable="engine-queue", stream="QUEUE", filter_subjects=["otc.queue.result.>"])
 TANK_RESULTS = ConsumerSpec(durable="engine-tank", stream="TANK", filter_subjects=["otc.tank.result.>"])
 
@@ -122,14 +127,14 @@ class Handlers:
 
     async def queue(self, conn: Connection, envelope: Envelope, message: Message) -> None:
         deal_id: str | None = None
-        if isinstance(message, TransferSubmitted):
-            row = await store.set_transfer_status(conn, message.transfer_id, "SUBMITTED", txid=message.txid)
-            deal_id = row["deal_id"] if row else None
-        elif isinstance(message, TransferProgress):
-            row = await store.set_transfer_status(
-                conn, message.transfer_id, "SUBMITTED", txid=message.txid, confirmations=message.confirmations
-            )
-            deal_id = row["deal_id"] if row else None
+        if isinstance(message, TransferSubmitted | TransferProgress):
+            confirmations = message.confirmations if isinstance(message, TransferProgress) else None
+            fields = {} if confirmations is None else {"confirmations": confirmations}
+            row = await store.set_transfer_status(conn, message.transfer_id, "SUBMITTED", txid=message.txid, **fields)
+            # On its way, a transfer weighs in every decision as it did when commanded: only one
+            # coming back from a refusal changes what the deal owes.
+            if row is not None and row["previous"] not in ("COMMANDED", "SUBMITTED"):
+                deal_id = row["deal_id"]
         elif isinstance(message, TransferConfirmed):
             row = await store.set_transfer_status(
                 conn,

@@ -351,7 +351,9 @@ async def planned_transfers(conn: Connection, deal_id: str, halted: set[str]) ->
 
 
 async def set_transfer_status(conn: Connection, transfer_id: str, status: str, **fields: Any) -> asyncpg.Record | None:
-    """Moves a transfer forward; a result that arrives late never moves it back from CONFIRMED."""
+    """Moves a transfer forward; a result that arrives late never moves it back from CONFIRMED.
+
+    Returns the deal and the transfer's status before, or None when nothing moved."""
     assignments = ["status = $2", "updated_at = now()"]
     values: list[Any] = [transfer_id, status]
     for column in ("txid", "confirmations", "amount_sent", "fee_paid", "reason"):
@@ -359,9 +361,10 @@ async def set_transfer_status(conn: Connection, transfer_id: str, status: str, *
             values.append(fields[column])
             assignments.append(f"{column} = ${len(values)}")
     return await conn.fetchrow(
-        f"""UPDATE transfers SET {", ".join(assignments)}
-            WHERE transfer_id = $1 AND status NOT IN ('CONFIRMED', 'SKIPPED')
-            RETURNING deal_id""",
+        f"""UPDATE transfers AS t SET {", ".join(assignments)}
+            FROM (SELECT transfer_id, status FROM transfers WHERE transfer_id = $1 FOR UPDATE) AS before
+            WHERE t.transfer_id = before.transfer_id AND t.status NOT IN ('CONFIRMED', 'SKIPPED')
+            RETURNING t.deal_id, before.status AS previous""",
         *values,
     )
 

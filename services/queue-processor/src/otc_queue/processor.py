@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
-from nats.aio.msg import Msg
 
 from otc_common import metrics as common_metrics
 from otc_common import subjects
@@ -118,14 +117,13 @@ class WakingRunner(ConsumerRunner):
         super().__init__(bus, pool, spec, run)
         self._processor = processor
 
-    async def process(self, msg: Msg) -> None:
+    def before_transaction(self) -> None:
         self._touched.clear()
-        try:
-            await super().process(msg)
-        finally:
-            for (chain, sender), sign, check in self._touched:
-                self._processor.wake(chain, sender, sign=sign, check=check)
-            self._touched.clear()
+
+    def after_transaction(self) -> None:
+        for (chain, sender), sign, check in self._touched:
+            self._processor.wake(chain, sender, sign=sign, check=check)
+        self._touched.clear()
 
 
 class Worker:
