@@ -74,6 +74,8 @@ CONFIRMATIONS = ConsumerSpec(
 )
 DEALS = ConsumerSpec(durable="queue-processor-deals", stream="DEALS", filter_subjects=[subjects.ALL_DEALS])
 
+#: Without news from its chain, a sender's transactions in flight are looked at every this many sweeps.
+IN_FLIGHT_RECHECK_SWEEPS = 5
 #: Failures a worker waits out: the sweep wakes it again. InternalClientError is what asyncpg raises for a
 #: pooled connection the database cut mid-reply (a restart).
 TRANSIENT = (
@@ -150,6 +152,7 @@ class Worker:
                 # before anything signed at a higher nonce.
                 if self.check_due:
                     self.check_due = False
+                    self.processor.looked_at[(self.chain, self.sender)] = time.monotonic()
                     await self.processor.reconcile(self)
                 else:
                     self.sign_due = False
@@ -180,6 +183,9 @@ class Processor:
         self.utxo: dict[str, UtxoPayouts] = {}
         self.facts: dict[str, ChainFacts] = {}
         self.workers: dict[SenderKey, Worker] = {}
+        #: When each sender's transactions in flight were last looked at (monotonic seconds).
+        self.looked_at: dict[SenderKey, float] = {}
+        self.recheck_seconds = IN_FLIGHT_RECHECK_SWEEPS * settings.poll_seconds
         self._waiting: dict[str, str] = {}
         self._alerted: set[str] = set()
         self._nonce_taken_since: dict[str, float] = {}
@@ -256,8 +262,18 @@ class Processor:
             while not self.stopping:
                 loop.beat()
                 try:
-                    for chain, sender in await store.senders_with_work(self.pool):
-                        self.wake(chain, sender, sign=True, check=True)
+                    work = await store.senders_with_work(self.pool)
+                    now = time.monotonic()
+                    for item in work:
+                        key = (item.chain, item.sender)
+                        # Transactions in flight are looked at when their chain has news (a confirmation
+                        # event); the sweep only makes up for news that never came.
+                        check = item.in_flight and now - self.looked_at.get(key, 0.0) >= self.recheck_seconds
+                        if item.queued or check:
+                            self.wake(item.chain, item.sender, sign=item.queued, check=check)
+                    current = {(item.chain, item.sender) for item in work}
+                    for key in [key for key in self.looked_at if key not in current]:
+                        del self.looked_at[key]
                     ages = await store.oldest_open(self.pool)
                     for chain_id in self.facts:
                         metrics.OLDEST_UNCONFIRMED.labels(chain_id).set(ages.get(chain_id, 0.0))

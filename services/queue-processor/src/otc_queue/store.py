@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 import msgspec
@@ -177,9 +178,19 @@ async def fail(conn: Connection, transfer_id: str, reason: str, from_status: str
     return bool(done)
 
 
-async def senders_with_work(conn: Connection | Pool) -> list[tuple[str, str]]:
-    rows = await conn.fetch("SELECT DISTINCT chain, escrow_address FROM transfers WHERE status IN ('QUEUED', 'SIGNED')")
-    return [(row["chain"], row["escrow_address"]) for row in rows]
+class SenderWork(NamedTuple):
+    chain: str
+    sender: str
+    queued: bool
+    in_flight: bool
+
+
+async def senders_with_work(conn: Connection | Pool) -> list[SenderWork]:
+    rows = await conn.fetch(
+        """SELECT chain, escrow_address, bool_or(status = 'QUEUED') AS queued, bool_or(status = 'SIGNED') AS in_flight
+           FROM transfers WHERE status IN ('QUEUED', 'SIGNED') GROUP BY chain, escrow_address"""
+    )
+    return [SenderWork(row["chain"], row["escrow_address"], row["queued"], row["in_flight"]) for row in rows]
 
 
 async def oldest_open(conn: Connection | Pool) -> dict[str, float]:
