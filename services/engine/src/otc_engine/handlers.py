@@ -59,10 +59,10 @@ class Handlers:
         if isinstance(message, DepositObserved):
             await self._deposit(conn, message, now)
         elif isinstance(message, ChainTip):
-            await store.advance_tip(conn, message.chain, message.height, message.hash)
+            crossed = await store.advance_tip(conn, message.chain, message.height, message.hash)
             chain = self.registry.chains.get(message.chain)
             if chain is not None:
-                deals = await store.deals_maturing_on(conn, message.chain, message.height, chain.confirmations)
+                deals = await store.deals_maturing_at(conn, message.chain, crossed, chain.confirmations)
                 await self._advance_all(conn, deals, now)
         elif isinstance(message, ChainReorg):
             await self._reorg(conn, message, now)

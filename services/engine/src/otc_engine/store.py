@@ -225,16 +225,21 @@ async def upsert_deposit(
 # view of the chain back, so the tip only moves forward, except onto the new branch of a reorg that replaced it.
 
 
-async def advance_tip(conn: Connection, chain: str, height: int, block_hash: str) -> None:
-    """A tip report: ignored when older than the tip already recorded."""
+async def advance_tip(conn: Connection, chain: str, height: int, block_hash: str) -> range:
+    """A tip report: ignored when older than the tip already recorded.
+
+    Returns the heights the tip moved across (empty when it did not move forward)."""
+    previous = await conn.fetchval("SELECT height FROM chain_tips WHERE chain = $1 FOR UPDATE", chain)
+    if previous is not None and previous >= height:
+        return range(0)
     await conn.execute(
         """INSERT INTO chain_tips (chain, height, hash) VALUES ($1, $2, $3)
-           ON CONFLICT (chain) DO UPDATE SET height = EXCLUDED.height, hash = EXCLUDED.hash, updated_at = now()
-           WHERE chain_tips.height < EXCLUDED.height""",
+           ON CONFLICT (chain) DO UPDATE SET height = EXCLUDED.height, hash = EXCLUDED.hash, updated_at = now()""",
         chain,
         height,
         block_hash,
     )
+    return range(0 if previous is None else previous + 1, height + 1)
 
 
 async def set_tip_after_reorg(
@@ -257,13 +262,19 @@ async def tips(conn: Connection) -> dict[str, int]:
     return {row["chain"]: row["height"] for row in await conn.fetch("SELECT chain, height FROM chain_tips")}
 
 
-async def deals_maturing_on(conn: Connection, chain: str, height: int, confirmations: int) -> list[str]:
-    """Deals whose deposits on `chain` are still maturing, or just matured at `height`."""
+async def deals_maturing_at(conn: Connection, chain: str, tips: range, confirmations: int) -> list[str]:
+    """Deals with a deposit on `chain` that reaches `confirmations` when the tip is one of `tips`.
+
+    Only then does a tip change what the deal may do: a deposit counts once confirmed, and one
+    that is not mined counts for nothing whatever the tip."""
+    if not tips:
+        return []
     rows = await conn.fetch(
         """SELECT DISTINCT d.deal_id FROM deposits d JOIN deals USING (deal_id)
-           WHERE d.chain = $1 AND (d.block_number IS NULL OR d.block_number >= $2) AND deals.unwatched = false""",
+           WHERE d.chain = $1 AND d.block_number BETWEEN $2 AND $3 AND deals.unwatched = false""",
         chain,
-        height - confirmations,
+        tips.start - confirmations + 1,
+        tips.stop - 1 - confirmations + 1,
     )
     return [row["deal_id"] for row in rows]
 
