@@ -62,6 +62,7 @@ async def create_pool(url: str, schema: str, *, min_size: int = 1, max_size: int
                 max_size=max_size,
                 server_settings={"search_path": schema, "application_name": f"otc-{schema}"},
                 command_timeout=30,
+                reset=_keep_session,
             )
             assert pool is not None
             return pool
@@ -69,6 +70,15 @@ async def create_pool(url: str, schema: str, *, min_size: int = 1, max_size: int
             log.warning("database not reachable yet (%s); retrying", type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A connection goes back to the pool as it is (asyncpg still rolls back an open transaction).
+
+    The default reset costs a round trip on every release, and nothing here leaves session state
+    behind: locks and settings are transaction-scoped, listeners have connections of their own, and
+    the one session-level advisory lock (the engine's solvency round) closes its connection when it
+    cannot unlock."""
 
 
 def package_migrations(package: str) -> list[tuple[str, str]]:

@@ -461,7 +461,12 @@ class SolvencyChecker:
                 self._publish_gauges(first.checked_chains, confirmed)
                 return confirmed
             finally:
-                await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", LOCK_KEY)
+                try:
+                    await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", LOCK_KEY)
+                except BaseException:
+                    # Pooled connections are not reset: a lock left on one would stop every later round.
+                    lock_conn.terminate()
+                    raise
 
     def _publish_gauges(self, chains: set[str], findings: Sequence[Finding]) -> None:
         now = time.time()
