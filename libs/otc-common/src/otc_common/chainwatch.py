@@ -134,7 +134,17 @@ async def emit_deposit(conn: Connection, deposit: DepositObserved) -> None:
     )
 
 
-async def emit_confirmation(conn: Connection, chain: str, item: Followed, count: int) -> None:
+async def emit_confirmation(
+    conn: Connection, chain: str, item: Followed, count: int, threshold: int | None = None
+) -> None:
+    """Reports a followed transaction's confirmations; with a `threshold`, only counts up to it.
+
+    Block by block, counts beyond the threshold tell the queue processor nothing (it confirms at the
+    threshold, and looks at the chain itself again should that report come too early for its node);
+    the transaction is still followed until `stop_at`, so a reorg that unmines it is reported. The
+    first report of a transaction (found mined already some blocks deep) goes without a threshold."""
+    if threshold is not None and count > threshold:
+        return
     await emit(
         conn,
         subjects.chain_event(chain, "confirmation"),

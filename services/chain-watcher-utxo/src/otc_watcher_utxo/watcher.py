@@ -370,7 +370,7 @@ class Watcher:
             follows = await store.open_follows(conn)
             await store.insert_block(conn, header)
             for item, count in chainwatch.confirmations_at([f.item for f in follows.values()], header.height):
-                await chainwatch.emit_confirmation(conn, self.id, item, count)
+                await chainwatch.emit_confirmation(conn, self.id, item, count, self.chain.confirmations)
                 if count >= self.stop_at:
                     await store.mark_done(conn, item)
             await chainwatch.emit_tip(
@@ -651,6 +651,7 @@ class Watcher:
                 if item is None:
                     continue
                 count = head.number - block.height + 1
+                # The first report of a transaction goes out whatever its count.
                 await chainwatch.emit_confirmation(conn, self.id, item, count)
                 if count >= self.stop_at:
                     await store.mark_done(conn, item)
