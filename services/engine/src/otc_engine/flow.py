@@ -156,8 +156,12 @@ class DealFacts:
         )
 
 
-async def load(conn: Connection, deal_id: str, registry: Registry) -> DealFacts | None:
-    deal = await store.get_deal(conn, deal_id)
+async def load(
+    conn: Connection, deal_id: str, registry: Registry, deal: asyncpg.Record | None = None
+) -> DealFacts | None:
+    """`deal`: the deal's row as the caller just locked it, if unchanged since."""
+    if deal is None:
+        deal = await store.get_deal(conn, deal_id)
     if deal is None:
         return None
     return DealFacts(
@@ -200,9 +204,11 @@ class Flow:
                 detail["outcome"] = t.outcome.value
             await self.emit_deal_event(conn, deal_id, event, detail, now)
 
-    async def advance(self, conn: Connection, deal_id: str, now: datetime) -> list[Transition]:
-        """Re-evaluates a deal whose row the caller has locked."""
-        facts = await load(conn, deal_id, self.registry)
+    async def advance(
+        self, conn: Connection, deal_id: str, now: datetime, locked: asyncpg.Record | None = None
+    ) -> list[Transition]:
+        """Re-evaluates a deal whose row the caller has locked (`locked`: that row, if unchanged since)."""
+        facts = await load(conn, deal_id, self.registry, locked)
         if facts is None:
             return []
         state = facts.deal_state()
@@ -222,11 +228,14 @@ class Flow:
         closed_at = now if transitions and stage is Stage.CLOSED else facts.deal["closed_at"]
         if stage is Stage.CLOSED and closed_at is not None and now - closed_at > self.post_close_window:
             return transitions
-        await self.plan(conn, facts, stage, now)
-        await self.command(conn, deal_id)
+        planned = await self.plan(conn, facts, stage, now)
+        if planned or any(t["status"] == "PLANNED" for t in facts.transfers):
+            await self.command(conn, deal_id)
         return transitions
 
-    async def plan(self, conn: Connection, facts: DealFacts, stage: Stage, now: datetime) -> None:
+    async def plan(self, conn: Connection, facts: DealFacts, stage: Stage, now: datetime) -> int:
+        """Stores the transfers the ledger asks for next; how many."""
+        planned_count = 0
         for party, escrow in facts.escrows.items():
             side = facts.sides[party]
             late_round = len(escrow.of(TransferPurpose.LATE_RETURN))
@@ -236,6 +245,7 @@ class Flow:
                 log.error("plan refused: %s", exc, extra={"deal_id": facts.deal_id, "party": party.value})
                 continue
             for planned in steps.transfers:
+                planned_count += 1
                 sequence = sum(1 for t in escrow.transfers if t.purpose is planned.purpose)
                 await store.insert_transfer(
                     conn,
@@ -272,6 +282,7 @@ class Flow:
                         ),
                         event_id=f"gas:{request_id}",
                     )
+        return planned_count
 
     def _native(self, side: asyncpg.Record) -> str:
         return self.registry.chain(side["chain"]).native_asset.symbol

@@ -51,8 +51,9 @@ class Handlers:
 
     async def _advance_all(self, conn: Connection, deal_ids: list[str], now: datetime) -> None:
         for deal_id in sorted(set(deal_ids)):
-            await store.lock_deal(conn, deal_id)
-            await self.engine.advance(conn, deal_id, now)
+            locked = await store.lock_deal(conn, deal_id)
+            if locked is not None:
+                await self.engine.advance(conn, deal_id, now, locked)
 
     async def chain(self, conn: Connection, envelope: Envelope, message: Message) -> None:
         now = now_utc()
@@ -78,7 +79,7 @@ class Handlers:
                 side["asset"],
                 extra={"deal_id": side["deal_id"], "chain": message.chain, "txid": message.txid},
             )
-        await store.lock_deal(conn, side["deal_id"])
+        locked = await store.lock_deal(conn, side["deal_id"])
         fresh = await store.upsert_deposit(
             conn,
             chain=message.chain,
@@ -103,7 +104,7 @@ class Handlers:
                     "amount": message.amount,
                 },
             )
-            await self.engine.advance(conn, side["deal_id"], now)
+            await self.engine.advance(conn, side["deal_id"], now, locked)
 
     async def _reorg(self, conn: Connection, message: ChainReorg, now: datetime) -> None:
         chain = self.registry.chains.get(message.chain)

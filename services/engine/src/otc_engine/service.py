@@ -94,9 +94,11 @@ class Engine:
     ) -> None:
         await self.flow.emit_deal_event(conn, deal_id, event, detail, now)
 
-    async def advance(self, conn: Connection, deal_id: str, now: datetime) -> list[Transition]:
-        """Re-evaluates a deal the caller has locked."""
-        return await self.flow.advance(conn, deal_id, now)
+    async def advance(
+        self, conn: Connection, deal_id: str, now: datetime, locked: asyncpg.Record | None = None
+    ) -> list[Transition]:
+        """Re-evaluates a deal the caller has locked (`locked`: its row, if unchanged since)."""
+        return await self.flow.advance(conn, deal_id, now, locked)
 
     async def _locked_deal(self, conn: Connection, deal_id: str) -> asyncpg.Record:
         deal = await store.lock_deal(conn, deal_id)
