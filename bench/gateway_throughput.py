@@ -4,10 +4,12 @@
 
 Starts NATS, PostgreSQL, the engine and the gateway (one uvicorn worker process, rate limits off)
 and creates deals in COLLECTION with both parties filled, as a party page sees them while it
-waits for deposits. Each `otc.status` call (with the party's token) goes gateway → engine over
-NATS request/reply → PostgreSQL and back. The ceiling is a bare FastAPI app on one uvicorn worker
-process that answers POST /rpc with the very same response bytes from memory (it only decodes
-the body to find the deal), measured in the same run with the same load generator.
+waits for deposits. Each `otc.status` call (with the party's token) is answered by the gateway:
+from its memory while it holds the engine's answer (OTC_STATUS_CACHE_SECONDS, default 1 s), else
+from the engine over NATS request/reply → PostgreSQL and back. The ceiling is a bare FastAPI app
+on one uvicorn worker process that answers POST /rpc with the very same response bytes from
+memory (it only decodes the body to find the deal), measured in the same run with the same load
+generator.
 
 The load generator is a separate process: HTTP/1.1 keep-alive connections, each with one request
 in flight (a closed loop), written on asyncio protocols so that it costs far less CPU per request

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Generator
 
 import uvicorn
+import uvloop
 
 from otc_common.runtime import Loop, Service
 from otc_common.settings import settings_or_exit
@@ -15,6 +15,7 @@ from otc_gateway.live import LiveHub
 from otc_gateway.ratelimit import Limits
 from otc_gateway.rpc import RpcHandler
 from otc_gateway.settings import GatewaySettings
+from otc_gateway.status_cache import StatusCache
 
 
 class _Server(uvicorn.Server):
@@ -42,7 +43,9 @@ async def serve() -> None:
             settings.rate_deal_per_second,
             settings.rate_deal_burst,
         )
-        rpc = RpcHandler(service, service.registry, settings.public_base_url, limits)
+        cache = StatusCache(settings.status_cache_seconds, settings.status_cache_size)
+        await cache.start(service.nats.nc)
+        rpc = RpcHandler(service, service.registry, settings.public_base_url, limits, cache)
         hub = LiveHub()
         await hub.start(service.nats.nc)
         config = uvicorn.Config(
@@ -50,6 +53,7 @@ async def serve() -> None:
             host=settings.http_host,
             port=settings.http_port,
             log_config=None,
+            http="httptools",
             # Party links carry their token in the path: no access log, ever.
             access_log=False,
             lifespan="off",
@@ -68,7 +72,7 @@ async def serve() -> None:
 
 
 def main() -> None:
-    asyncio.run(serve())
+    uvloop.run(serve())
 
 
 if __name__ == "__main__":

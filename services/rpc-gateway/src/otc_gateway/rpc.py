@@ -1,4 +1,5 @@
-"""JSON-RPC 2.0 over POST /rpc. The gateway holds no state: deal methods go to the engine over NATS."""
+"""JSON-RPC 2.0 over POST /rpc. Deal methods go to the engine over NATS; the gateway keeps nothing durable,
+only recent `otc.status` answers in memory (status_cache.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ from otc_common.errors import AppError, ErrorCode
 from otc_common.messages import (
     RPC_PARAMS,
     ChainFilterParams,
-    EngineReply,
     EngineRequest,
+    RpcErrorBody,
+    StatusParams,
 )
 from otc_common.money import format_amount
 from otc_common.registry import Registry
 from otc_common.runtime import Service
 from otc_gateway.openrpc import DISCOVER, build_document
 from otc_gateway.ratelimit import Limits
+from otc_gateway.status_cache import StatusCache
 
 log = logging.getLogger("otc.gateway.rpc")
 
@@ -29,7 +32,18 @@ MAX_BATCH = 20
 ENGINE_TIMEOUT_SECONDS = 5.0
 
 _encoder = msgspec.json.Encoder()
-_reply_decoder = msgspec.json.Decoder(EngineReply)
+
+
+class _EngineAnswer(msgspec.Struct, frozen=True):
+    """The engine's reply with its result left as the bytes the engine wrote."""
+
+    result: msgspec.Raw = msgspec.Raw()
+    error: RpcErrorBody | None = None
+
+
+_reply_decoder = msgspec.json.Decoder(_EngineAnswer)
+#: What the engine's reply holds when it has no result (JSON null).
+NULL = b"null"
 
 
 class RpcRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -93,12 +107,18 @@ def _nul_path(value: Any, path: str = "params") -> str | None:
 
 class RpcHandler:
     def __init__(
-        self, service: Service, registry: Registry, public_base_url: str, limits: Limits | None = None
+        self,
+        service: Service,
+        registry: Registry,
+        public_base_url: str,
+        limits: Limits | None = None,
+        cache: StatusCache | None = None,
     ) -> None:
         self.service = service
         self.registry = registry
         self.public_base_url = public_base_url.rstrip("/")
         self.limits = limits
+        self.cache = cache if cache is not None else StatusCache(ttl=0, max_entries=1)
         self.local = {"otc.getChainConfig": self.get_chain_config, "otc.listAssets": self.list_assets}
         self.openrpc = build_document(self.public_base_url)
 
@@ -175,14 +195,45 @@ class RpcHandler:
                 self.limits.check_deal(deal_id)
             if isinstance(typed, ChainFilterParams):
                 return {"result": self.local[method](typed)}
-            return {"result": await self.forward(method, typed)}
+            if isinstance(typed, StatusParams):
+                return {"result": msgspec.Raw(await self.status(typed))}
+            try:
+                return {"result": await self.forward(method, typed)}
+            finally:
+                if isinstance(deal_id, str):
+                    # Whatever the outcome (a timeout may hide a success), this gateway's own clients must
+                    # see their command's effect in their next status: what was kept of the deal is stale.
+                    self.cache.deal_changed(deal_id)
         except AppError as exc:
             body: dict[str, Any] = {"code": int(exc.code), "message": exc.message}
             if exc.data is not None:
                 body["data"] = exc.data
             return {"error": body}
 
+    async def status(self, params: StatusParams) -> bytes:
+        """The JSON of `otc.status`'s result: from memory where it is still the engine's answer."""
+        kept = self.cache.lookup(params.deal_id, params.token)
+        if kept is not None:
+            return kept
+        started = self.cache.started()
+        answer = await self.ask_engine("otc.status", params)
+        self.cache.store(params.deal_id, params.token, started, answer)
+        return answer
+
+    async def status_document(self, params: StatusParams) -> dict[str, Any]:
+        document: dict[str, Any] = msgspec.json.decode(await self.status(params))
+        return document
+
     async def forward(self, method: str, params: msgspec.Struct) -> Any:
+        result = msgspec.json.decode(await self.ask_engine(method, params))
+        if method == "otc.createDeal":
+            deal_id = result["dealId"]
+            result["linkA"] = f"{self.public_base_url}/d/{deal_id}/a/{result['aliceToken']}"
+            result["linkB"] = f"{self.public_base_url}/d/{deal_id}/b/{result['bobToken']}"
+        return result
+
+    async def ask_engine(self, method: str, params: msgspec.Struct) -> bytes:
+        """The engine's result as the JSON it sent; its errors raised as AppError."""
         request = EngineRequest(method=method, params=msgspec.Raw(_encoder.encode(params)))
         try:
             msg = await self.service.nats.nc.request(
@@ -207,12 +258,8 @@ class RpcHandler:
                 # A code from a newer engine: passed on as it is rather than turned into something else.
                 code = cast(ErrorCode, reply.error.code)
             raise AppError(code, reply.error.message, reply.error.data)
-        result = reply.result
-        if method == "otc.createDeal":
-            deal_id = result["dealId"]
-            result["linkA"] = f"{self.public_base_url}/d/{deal_id}/a/{result['aliceToken']}"
-            result["linkB"] = f"{self.public_base_url}/d/{deal_id}/b/{result['bobToken']}"
-        return result
+        # A copy: the raw result would otherwise keep the whole received message alive.
+        return bytes(reply.result) or NULL
 
     # ----------------------------------------------------------------- registry methods
 

@@ -86,8 +86,14 @@ def is_json(content_type: str | None) -> bool:
 
 def client_address(request: Request, forwarded_hops: int) -> str:
     """The caller's address: the peer, or the entry our own `forwarded_hops` proxies appended."""
+    peer = request.client.host if request.client else None
+    return caller(peer, request.headers.get("x-forwarded-for"), forwarded_hops)
+
+
+def caller(peer: str | None, forwarded_for: str | None, forwarded_hops: int) -> str:
+    """`client_address` from the parts of a request: the peer's address and its X-Forwarded-For header."""
     if forwarded_hops > 0:
-        hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+        hops = [h.strip() for h in (forwarded_for or "").split(",") if h.strip()]
         if len(hops) >= forwarded_hops:
             return hops[-forwarded_hops]
-    return request.client.host if request.client else "unknown"
+    return peer if peer is not None else "unknown"

@@ -11,7 +11,7 @@ Burst = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 
 
 class GatewaySettings(BaseSettings, frozen=True, kw_only=True):
-    #: The gateway keeps no state of its own.
+    #: The gateway keeps nothing durable of its own.
     database_url: str = ""
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535, description="port of the JSON-RPC API and pages")] = 8080
     public_base_url: Annotated[str, msgspec.Meta(description="URL parties use to reach the pages (links)")] = (
@@ -27,3 +27,7 @@ class GatewaySettings(BaseSettings, frozen=True, kw_only=True):
     forwarded_hops: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
     #: Seconds between SSE keep-alive comments (proxies drop idle connections).
     sse_heartbeat_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 15.0
+    #: Longest time an `otc.status` answer is served from memory (see status_cache.py); 0 asks the engine every time.
+    status_cache_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 1.0
+    #: `otc.status` answers kept in memory at most (a few KiB each), least recently used dropped first.
+    status_cache_size: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000

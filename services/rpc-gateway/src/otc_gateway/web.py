@@ -134,9 +134,13 @@ class Pages:
         if deal_id is not None:
             self.limits.check_deal(deal_id)
 
-    async def status(self, deal_id: str, token: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self.rpc.forward("otc.status", StatusParams(deal_id=deal_id, token=token))
-        return result
+    async def status(self, deal_id: str, token: str, *, fresh: bool = False) -> dict[str, Any]:
+        """The deal's status; `fresh` asks the engine itself (a live stream starts from it)."""
+        params = StatusParams(deal_id=deal_id, token=token)
+        if fresh:
+            result: dict[str, Any] = await self.rpc.forward("otc.status", params)
+            return result
+        return await self.rpc.status_document(params)
 
     def live_view(self, status: dict[str, Any], me: Party) -> dict[str, Any]:
         return party_view(status, me, self.registry, datetime.now(UTC))
@@ -263,7 +267,7 @@ class Pages:
     async def stream(self, request: Request, deal_id: str, token: str, me: Party | None) -> Response:
         try:
             self.limit(request, deal_id)
-            status = await self.status(deal_id, token)
+            status = await self.status(deal_id, token, fresh=True)
         except AppError as exc:
             if exc.code is ErrorCode.RATE_LIMITED:
                 return _json_error(429, exc.code, exc.message, exc.data)
