@@ -142,6 +142,8 @@ class Traders:
         self.created: dict[str, float] = {}
         self.shape_of: dict[str, str] = {}
         self.funded_at: float = 0.0
+        #: Seconds spent in each step of opening deals, summed over the traders working at once.
+        self.step_seconds: dict[str, float] = {"create": 0.0, "fill": 0.0, "status": 0.0, "fund": 0.0}
 
     async def batch(self, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         body = [{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in enumerate(calls)]
@@ -161,6 +163,7 @@ class Traders:
         def side(t: tuple[str, str, str]) -> dict[str, str]:
             return {"chainId": t[0], "asset": t[1], "amount": t[2]}
 
+        started = time.monotonic()
         created = await self.batch(
             [
                 (
@@ -171,6 +174,7 @@ class Traders:
             ]
         )
         now = time.time()
+        started = self._took("create", started)
         fills = []
         for shape, deal in zip(shapes, created, strict=True):
             self.created[deal["dealId"]] = now
@@ -192,9 +196,17 @@ class Traders:
                 )
         for start in range(0, len(fills), BATCH):
             await self.batch(fills[start : start + BATCH])
+        started = self._took("fill", started)
         statuses = await self.batch([("otc.status", {"dealId": d["dealId"]}) for d in created])
+        started = self._took("status", started)
         await self.fund(statuses)
+        self._took("fund", started)
         return [d["dealId"] for d in created]
+
+    def _took(self, step: str, started: float) -> float:
+        now = time.monotonic()
+        self.step_seconds[step] += now - started
+        return now
 
     async def fund(self, statuses: list[dict[str, Any]]) -> None:
         evm: dict[str, list[tuple[str, int, str | None]]] = {"ETH": [], "POLYGON": []}
@@ -287,6 +299,7 @@ async def run(count: int, block_seconds: float, concurrency: int, within: float,
             log(f"  {shape}: {lone[shape]:.1f}s")
 
         log(f"{count} deals at once")
+        traders.step_seconds = dict.fromkeys(traders.step_seconds, 0.0)
         before = await heights(stack)
         baseline_times = {name: await handle_times(stack.procs[name].url) for name in ("engine", "queue")}
         sampler = BacklogSampler(infra.nats_url)
@@ -335,6 +348,7 @@ async def run(count: int, block_seconds: float, concurrency: int, within: float,
         "gateway_concurrency_batches": concurrency,
         "wall_seconds": round(wall, 1),
         "created_and_funded_seconds": round(funded, 1),
+        "trader_step_seconds": {step: round(v, 1) for step, v in traders.step_seconds.items()},
         "first_closed_seconds": round(first_closed - started, 1),
         "deals_per_second": round(count / wall, 2),
         "chain_minimum_blocks": minimum_blocks,
@@ -379,6 +393,10 @@ def report(result: dict[str, Any]) -> str:
         ("deals", result["deals"]),
         ("wall time, first createDeal → last CLOSED (s)", result["wall_seconds"]),
         ("  of which creating, filling, funding (s)", result["created_and_funded_seconds"]),
+        (
+            f"  traders' time in create / fill / status / fund (s, {result['gateway_concurrency_batches']} at once)",
+            " / ".join(str(v) for v in result["trader_step_seconds"].values()),
+        ),
         ("chain minimum of one deal (s)", result["chain_minimum_seconds"]),
         ("one deal alone, slowest shape (s)", max(lone.values())),
         ("wall time / chain minimum", result["ratio_to_chain_minimum"]),
