@@ -44,8 +44,9 @@ from tests.support import ServiceProcess, free_port, write_test_registry
 M = TypeVar("M", bound=Message)
 SCHEMA = "watcher_evm_eth"
 ETH = 10**18
-#: ETH's threshold in the test registry is 2: a followed tx is reported up to 4 confirmations.
+#: ETH's threshold in the test registry is 2: a followed tx is reported up to 2 confirmations, followed up to 4.
 STOP_AT = 4
+THRESHOLD = 2
 
 # --------------------------------------------------------------------------- helpers
 
@@ -374,12 +375,13 @@ async def test_followed_transactions_are_confirmed_up_to_the_threshold(
         await anvil.mine(1)
         await feed.wait_tip(await anvil.height())
 
-    assert feed.confirmations(late) == [1, 2, 3, 4], "counted per block, and no longer after threshold + 2"
-    assert feed.confirmations(failing) == [1, 2, 3, 4]
+    assert feed.confirmations(late) == [1, 2], "counted per block up to the threshold"
+    assert feed.confirmations(failing) == [1, 2]
     early_counts = feed.confirmations(early)
     first = mined_at - 1 - early_block + 1  # the tip when the watcher looked it up is at least this
-    assert early_counts[-1] == STOP_AT and early_counts[0] >= 1 and early_counts[0] <= first + 1
-    assert early_counts == list(range(early_counts[0], STOP_AT + 1))
+    # Its first report (a look-up) at whatever depth, then block by block up to the threshold.
+    assert 1 <= early_counts[0] <= first + 1
+    assert early_counts == list(range(early_counts[0], max(early_counts[0], THRESHOLD) + 1))
 
     late_receipt = await anvil.receipt(late)
     [one] = [c for c in feed.of(TxConfirmation) if c.txid == late and c.confirmations == 1]
@@ -546,7 +548,7 @@ async def test_two_replicas_publish_each_fact_once(harness: Harness) -> None:
     assert len(heights) == len(set(heights))
     # Followed while blocks were being mined: the first report may come at any depth, then one per block.
     counted = feed.confirmations(txids[0])
-    assert counted and counted == list(range(counted[0], STOP_AT + 1)), counted
+    assert counted and counted == list(range(counted[0], max(counted[0], THRESHOLD) + 1)), counted
 
 
 @contextlib.contextmanager
@@ -614,6 +616,65 @@ async def test_catches_up_on_a_node_without_old_state(service_env: dict[str, str
     assert metrics['otc_watcher_balance_checks_deferred_total{chain="ETH"}'] > 0
 
 
+# --------------------------------------------------------------------------- what the watcher keeps in memory
+
+
+async def test_the_watcher_reads_its_state_again_only_after_a_change(harness: Harness, watcher: ServiceProcess) -> None:
+    anvil, feed, db = harness.anvil, harness.feed, harness.db
+    escrows = [new_address() for _ in range(3)]
+    for escrow in escrows:
+        await harness.assign(escrow)
+    await harness.wait_watching(3)
+    await anvil.mine(1)
+    await feed.wait_tip(await anvil.height())
+
+    async def reloads() -> tuple[float, float]:
+        values = await metric_values(watcher)
+        name = 'otc_watcher_state_reloads_total{chain="ETH",kind="%s"}'
+        return values.get(name % "all", 0.0), values.get(name % "changes", 0.0)
+
+    async def counted(name: str) -> int:
+        return int(await db.fetchval(f"SELECT version FROM {SCHEMA}.feed WHERE name = $1", name))
+
+    settled = await reloads()
+    await anvil.mine(5)
+    await feed.wait_tip(await anvil.height())
+    assert await reloads() == settled, "blocks alone change nothing the watcher did not write itself"
+
+    # Others' changes are counted in their own transaction; a statement that changed nothing is not.
+    watch_set = await counted("watch_set")
+    await db.execute(
+        f"""INSERT INTO {SCHEMA}.watch_set (address, deal_id, party, asset, escrow_index)
+            VALUES ($1, 'again', 'ALICE', 'ETH', 1) ON CONFLICT (address) DO NOTHING""",
+        escrows[0],
+    )
+    assert await counted("watch_set") == watch_set
+    late = new_address()
+    await harness.assign(late)
+    await harness.wait_watching(4)
+    assert await counted("watch_set") == watch_set + 1
+    deposit = await anvil.send(contracts.anvil_address(1), late, ETH)
+    await feed.wait(lambda: bool(feed.deposits(deposit)), "the new escrow's deposit")
+    everything, _ = await reloads()
+    assert everything > settled[0], "a new escrow: the watch set is read again"
+
+    # A new follow, or anyone moving the stored head (another replica, a rescan), costs only what changed.
+    settled = await reloads()
+    followed = await counted("followed")
+    txid = await anvil.send(contracts.anvil_address(2), new_address(), ETH)
+    await harness.follow(txid, transfer_id="t-reload")
+    await harness.wait_following(txid)
+    assert await counted("followed") == followed + 1
+    await feed.wait(lambda: bool(feed.confirmations(txid)), "the follow's confirmation")
+    await db.execute(f"UPDATE {SCHEMA}.head SET version = version + 1")
+    await anvil.mine(1)
+    await feed.wait_tip(await anvil.height())
+    everything, changes = await reloads()
+    assert everything == settled[0] and changes > settled[1]
+    tips = [tip.height for tip in feed.of(ChainTip)]
+    assert tips == list(range(tips[0], tips[0] + len(tips))), "a tip per block, in order"
+
+
 # --------------------------------------------------------------------------- cost and failures
 
 
@@ -647,11 +708,19 @@ async def test_rpc_calls_per_block_do_not_grow_with_the_watch_set(
             for name in after
             if name.startswith("otc_watcher_rpc_calls_total{")
         }
-        per_block = (sum(calls.values()) - idle) / processed
+        # An idle poll is counted as a call when it is sent and as idle when its answer comes: one may be
+        # in flight at either reading.
+        fetches = calls.get("eth_getBlockByNumber", 0.0) - idle
+        assert processed - 1 <= fetches <= processed + 1, (fetches, processed)
+        used = {method for method, count in calls.items() if count}
+        assert used == {"eth_getBlockByNumber", "eth_getLogs", "eth_call"}, used
+        per_block = (processed + calls["eth_getLogs"] + calls["eth_call"]) / processed
         cpu = delta('otc_watcher_block_cpu_seconds_sum{chain="ETH"}') / delta(
             'otc_watcher_block_cpu_seconds_count{chain="ETH"}'
         )
         assert processed == blocks
+        reloads = [name for name in after if name.startswith("otc_watcher_state_reloads_total{")]
+        assert sum(delta(name) for name in reloads) == 0, "nothing changed: nothing read again"
         measured[size] = (per_block, {k: v for k, v in calls.items() if v}, cpu)
 
     with capsys.disabled():
@@ -684,3 +753,196 @@ async def test_unreachable_node_is_retried_and_the_service_stays_live(
     own = [line for line in process.log_path.read_text().splitlines() if '"logger":"otc.watcher.evm"' in line]
     assert own and all("chain rpc failed" in line and "Traceback" not in line for line in own)
     assert "127.0.0.1:1" not in "\n".join(own), "the node URL (it may hold an API key) is never logged"
+
+
+# --------------------------------------------------------------------------- the balance reader
+
+
+async def test_balance_reader_reads_ten_thousand_escrows_in_one_call_at_any_block(evm_chains: EvmChains) -> None:
+    from prometheus_client import REGISTRY
+
+    from otc_watcher_evm import rules
+    from otc_watcher_evm.rpc import EvmRpc
+
+    url = evm_chains.rpc["ETH"]
+    anvil = Anvil(url)
+    funded = [contracts.anvil_address(i).lower() for i in range(3)]
+    strangers = sorted(new_address().lower() for _ in range(10_000 - len(funded)))
+    addresses = [*funded, *strangers]
+
+    def calls(chain: str) -> float:
+        return REGISTRY.get_sample_value("otc_watcher_rpc_calls_total", {"chain": chain, "method": "eth_call"}) or 0.0
+
+    rpc = EvmRpc("READER", url, 30.0)
+    split = EvmRpc("READER-SPLIT", url, 30.0, balance_call_addresses=2)
+    try:
+        before_hash = (await anvil.block("latest"))["hash"]
+        before = {a: int(await anvil.call("eth_getBalance", a, "latest"), 16) for a in funded}
+        await anvil.receipt(await anvil.send(funded[0], strangers[0], 3 * ETH))
+
+        # anvil holds an eth_call to its 30M block gas limit unless told otherwise: 10,000 need about 30.2M.
+        now = await rpc.balances(addresses, None)
+        assert calls("READER") == 1
+        assert len(now) == 10_000
+        assert {a: now[a] for a in funded[1:]} == {a: before[a] for a in funded[1:]}
+        assert now[funded[0]] == int(await anvil.call("eth_getBalance", funded[0], "latest"), 16) < before[funded[0]]
+        assert now[strangers[0]] == 3 * ETH
+        assert all(now[a] == 0 for a in strangers[1:])
+
+        then = await rpc.balances(addresses[:5], before_hash)
+        assert then == {**before, strangers[0]: 0, strangers[1]: 0}
+
+        assert await split.balances(addresses[:5], None) == {a: now[a] for a in addresses[:5]}
+        assert calls("READER-SPLIT") == 3
+
+        # The gas given covers what the node says the call needs.
+        for count in (1, 1_000):
+            call = rules.balance_call(addresses[:count])
+            needed = await anvil.call(
+                "eth_estimateGas", {"to": call["to"], "data": call["data"]}, "latest", rules.BALANCE_READER_OVERRIDE
+            )
+            assert int(needed, 16) <= rules.balance_call_gas(count) < int(needed, 16) * 11 // 10
+    finally:
+        await rpc.close()
+        await split.close()
+        await anvil.close()
+
+
+# --------------------------------------------------------------------------- new heads
+
+
+class WebSocketRelay:
+    """A WebSocket endpoint in front of anvil's that can drop its connections and refuse new ones."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.open = True
+        self.subscribes = 0
+        self._sockets: set[Any] = set()
+        self._runner: Any = None
+        self.url = ""
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/", self._relay)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"ws://127.0.0.1:{port}/"
+
+    async def _relay(self, request: Any) -> Any:
+        import aiohttp
+        from aiohttp import web
+
+        if not self.open:
+            return web.Response(status=503)
+        inbound = web.WebSocketResponse()
+        await inbound.prepare(request)
+        self._sockets.add(inbound)
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.target) as outbound:
+
+            async def downstream() -> None:
+                async for message in outbound:
+                    await inbound.send_str(message.data)
+
+            pump = asyncio.create_task(downstream())
+            try:
+                async for message in inbound:
+                    if message.type is aiohttp.WSMsgType.TEXT and "eth_subscribe" in message.data:
+                        self.subscribes += 1
+                    await outbound.send_str(message.data)
+            finally:
+                pump.cancel()
+                self._sockets.discard(inbound)
+        return inbound
+
+    async def drop(self) -> None:
+        self.open = False
+        for socket in list(self._sockets):
+            await socket.close()
+
+    async def close(self) -> None:
+        await self.drop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def tip_delay(harness: Harness) -> float:
+    """Seconds from mining one block to the watcher's tip event for it."""
+    await harness.anvil.mine(1)
+    mined = time.monotonic()
+    await harness.feed.wait_tip(await harness.anvil.height(), timeout=10)
+    return time.monotonic() - mined
+
+
+async def test_new_heads_wake_the_watcher_long_before_its_poll(harness: Harness) -> None:
+    process = harness.watcher(OTC_POLL_INTERVAL_MS="5000")
+    await process.start()
+    try:
+        await harness.feed.wait_tip(await harness.anvil.height(), timeout=15)
+        await harness.feed.wait(
+            lambda: "new-head subscription open" in process.log_path.read_text(), "the subscription", timeout=10
+        )
+        delays = [await tip_delay(harness) for _ in range(5)]
+        metrics = await metric_values(process)
+    finally:
+        await process.stop()
+    assert max(delays) < 1.0, delays
+    assert metrics['otc_watcher_head_subscription_up{chain="ETH"}'] == 1
+    assert metrics['otc_watcher_head_notifications_total{chain="ETH"}'] >= 5
+    heights = [tip.height for tip in harness.feed.of(ChainTip)]
+    assert heights == list(range(heights[0], heights[0] + len(heights))), "a tip per block, in order"
+
+
+async def test_polling_finds_every_block_when_the_websocket_endpoint_is_unreachable(harness: Harness) -> None:
+    process = harness.watcher(OTC_WS_URL=f"ws://127.0.0.1:{free_port()}")
+    await process.start()
+    try:
+        start = await harness.anvil.height()
+        await harness.feed.wait_tip(start)
+        for _ in range(3):
+            await harness.anvil.mine(1)
+            await harness.feed.wait_tip(await harness.anvil.height(), timeout=10)
+        await asyncio.sleep(1.5)  # long enough for a few reconnection attempts
+        metrics = await metric_values(process)
+    finally:
+        await process.stop()
+    assert metrics['otc_watcher_head_subscription_up{chain="ETH"}'] == 0
+    heights = [tip.height for tip in harness.feed.of(ChainTip)]
+    assert heights == list(range(start, start + 4))
+    lines = process.log_path.read_text().splitlines()
+    warnings = [line for line in lines if "new-head subscription unavailable" in line]
+    assert len(warnings) == 1, "reported once, not at every attempt"
+    assert "ConnectionRefused" in warnings[0] or "ClientConnector" in warnings[0], warnings[0]
+    assert "127.0.0.1" not in "\n".join(line for line in lines if "new-head" in line), "the URL is never logged"
+    assert "Traceback" not in "\n".join(lines)
+
+
+async def test_a_dropped_subscription_loses_no_block_and_is_reopened(harness: Harness, evm_chains: EvmChains) -> None:
+    relay = WebSocketRelay(evm_chains.rpc["ETH"].replace("http://", "ws://"))
+    await relay.start()
+    process = harness.watcher(OTC_POLL_INTERVAL_MS="1500", OTC_WS_URL=relay.url)
+    await process.start()
+    try:
+        start = await harness.anvil.height()
+        await harness.feed.wait_tip(start, timeout=15)
+        await harness.feed.wait(lambda: relay.subscribes == 1, "the first subscription", timeout=10)
+        assert await tip_delay(harness) < 1.0
+
+        await relay.drop()
+        await harness.anvil.mine(3)
+        await harness.feed.wait_tip(await harness.anvil.height(), timeout=10)  # found by polling
+        relay.open = True
+        await harness.feed.wait(lambda: relay.subscribes == 2, "the subscription reopened", timeout=15)
+        await asyncio.sleep(0.2)  # the reopened subscription's first wake-up passes
+        assert await tip_delay(harness) < 1.0
+    finally:
+        await process.stop()
+        await relay.close()
+    heights = [tip.height for tip in harness.feed.of(ChainTip)]
+    assert heights == list(range(start, start + 6)), "every block once, in order"
+    log_text = process.log_path.read_text()
+    assert "new-head subscription unavailable" in log_text and "new-head subscription restored" in log_text

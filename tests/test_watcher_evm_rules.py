@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otc_watcher_evm import rules
-from otc_watcher_evm.rpc import balance_reader_init_code
 from otc_watcher_evm.rules import Baseline, Block, Followed, Log, Receipt, Tx
 
 ESCROW = "0x" + "e1" * 20
@@ -168,12 +167,12 @@ def test_known_payouts_are_added_back_before_judging_the_rise() -> None:
     assert rules.known_outflows(b, {"0x" + "aa" * 32: receipts["0x" + "aa" * 32]}) == {ESCROW: None}
 
 
-def test_new_and_saturated_balances_are_not_judged() -> None:
+def test_escrows_without_a_baseline_are_not_judged_and_huge_balances_are() -> None:
     verdict = rules.judge_balances(
-        {OTHER_ESCROW: Baseline(rules.SATURATED)}, {ESCROW: 10, OTHER_ESCROW: 5}, direct={}, outflows={}
+        {OTHER_ESCROW: Baseline(2**130)}, {ESCROW: 10, OTHER_ESCROW: 2**130 + 5}, direct={}, outflows={}
     )
-    assert verdict.credits == {} and verdict.shortfalls == {}
-    assert verdict.baselines == {OTHER_ESCROW: Baseline(5)}
+    assert verdict.credits == {OTHER_ESCROW: 5} and verdict.shortfalls == {}
+    assert verdict.baselines == {OTHER_ESCROW: Baseline(2**130 + 5)}
 
 
 def test_a_balance_below_its_direct_deposits_is_flagged() -> None:
@@ -214,6 +213,56 @@ def test_balance_judging_credits_every_internal_wei_once(base: int, blocks: list
     credited += sum(final.credits.values())
     assert credited + direct_total == balance - base
     assert final.shortfalls == {}
+
+
+def words_of(balances: list[int]) -> bytes:
+    return b"".join(balance.to_bytes(32, "big") for balance in balances)
+
+
+def test_changed_positions_finds_every_moved_word() -> None:
+    before = [5] * 300
+    after = list(before)
+    for position in (0, 63, 64, 200, 299):
+        after[position] += 1
+    assert rules.changed_positions(words_of(before), words_of(after)) == [0, 63, 64, 200, 299]
+    assert rules.changed_positions(words_of(before), words_of(before)) == []
+
+
+NOT_SENDING, UNKNOWN_SPENDING = -1, -2
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 10**20),  # settled balance
+            st.integers(-(10**18), 10**18),  # change in this block
+            st.integers(0, 10**18),  # direct deposits in this block
+            st.sampled_from([NOT_SENDING, UNKNOWN_SPENDING, 0, 21_000, 10**18]),  # what the escrow spent
+        ),
+        min_size=1,
+        max_size=80,
+    )
+)
+def test_judging_only_what_moved_or_was_touched_is_judging_everything(
+    escrows: list[tuple[int, int, int, int]],
+) -> None:
+    known = sorted(f"0x{i:040x}" for i in range(len(escrows)))
+    settled = [balance for balance, _, _, _ in escrows]
+    now = [max(balance + change, 0) for balance, change, _, _ in escrows]
+    baselines = {address: Baseline(balance) for address, balance in zip(known, settled, strict=True)}
+    direct = {a: amount for a, (_, _, amount, _) in zip(known, escrows, strict=True) if amount}
+    outflows: dict[str, int | None] = {
+        a: None if spent == UNKNOWN_SPENDING else spent
+        for a, (_, _, _, spent) in zip(known, escrows, strict=True)
+        if spent != NOT_SENDING
+    }
+    everything = rules.judge_balances(baselines, dict(zip(known, now, strict=True)), direct, outflows)
+    subset = rules.balances_to_judge(known, words_of(now), words_of(settled), direct, outflows)
+    assert rules.judge_balances(baselines, subset, direct, outflows) == everything
+    untouched = {a for a, old, new in zip(known, settled, now, strict=True) if old == new} - set(direct) - set(outflows)
+    assert not untouched & set(subset), "an escrow nothing happened to is not judged"
+    assert rules.balances_to_judge(known, words_of(now), None, direct, outflows) == dict(zip(known, now, strict=True))
 
 
 # --------------------------------------------------------------------------- re-check of a newly watched escrow
@@ -276,24 +325,51 @@ def test_confirmations_count_from_the_mining_block() -> None:
 # --------------------------------------------------------------------------- balance reader
 
 
-def test_balance_call_data_appends_the_abi_encoded_addresses() -> None:
-    code = balance_reader_init_code()
-    data = rules.balance_call_data(code, [ESCROW, OTHER_ESCROW])
-    assert data.startswith(code)
-    words = [data[len(code) + i : len(code) + i + 64] for i in range(0, 4 * 64, 64)]
-    assert [int(words[0], 16), int(words[1], 16)] == [32, 2]
-    assert words[2] == ESCROW[2:].rjust(64, "0")
+def test_balance_call_packs_the_addresses_for_the_reader_placed_by_override() -> None:
+    call = rules.balance_call([ESCROW, OTHER_ESCROW])
+    assert call == {
+        "to": rules.BALANCE_READER_ADDRESS,
+        "data": "0x" + ESCROW[2:] + OTHER_ESCROW[2:],
+        "gas": hex(rules.balance_call_gas(2)),
+    }
+    assert rules.BALANCE_READER_OVERRIDE == {rules.BALANCE_READER_ADDRESS: {"code": rules.BALANCE_READER_CODE}}
 
 
-def test_decode_balances_checks_the_count() -> None:
-    raw = "0x" + f"{2:064x}" + f"{5:032x}" + f"{rules.SATURATED:032x}"
-    assert rules.decode_balances(raw, [ESCROW, OTHER_ESCROW]) == {ESCROW: 5, OTHER_ESCROW: rules.SATURATED}
-    with pytest.raises(rules.MalformedChainData):
-        rules.decode_balances(raw, [ESCROW])
+def test_decode_balances_reads_whole_words_and_checks_the_length() -> None:
+    raw = "0x" + f"{5:064x}" + f"{2**200:064x}"
+    assert rules.decode_balances(raw, [ESCROW, OTHER_ESCROW]) == {ESCROW: 5, OTHER_ESCROW: 2**200}
+    for malformed, addresses in ((raw, [ESCROW]), ("0xzz", []), (None, [])):
+        with pytest.raises(rules.MalformedChainData):
+            rules.decode_balances(malformed, addresses)
 
 
-def test_a_full_batch_fits_the_init_code_and_code_size_limits() -> None:
-    code = balance_reader_init_code()
-    data = rules.balance_call_data(code, [ESCROW] * rules.BALANCE_BATCH)
-    assert len(data[2:]) // 2 <= 49_152  # EIP-3860
-    assert 32 + rules.BALANCE_BYTES * rules.BALANCE_BATCH <= 24_576  # EIP-170
+def test_a_default_balance_call_stays_inside_the_common_eth_call_gas_cap() -> None:
+    assert rules.balance_call_gas(rules.BALANCE_CALL_ADDRESSES) <= 50_000_000
+    assert rules.balance_call_gas(10_000) > 30_000_000  # so the gas is named: above a 30M block gas limit
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_the_websocket_url_is_the_setting_or_else_the_rpc_url_as_ws() -> None:
+    from otc_watcher_evm.heads import websocket_url
+
+    assert websocket_url("", "http://127.0.0.1:8545") == "ws://127.0.0.1:8545"
+    assert websocket_url("", "https://eth.example/v2/key?x=1") == "wss://eth.example/v2/key?x=1"
+    assert websocket_url("wss://ws.example/key", "https://eth.example/v2/key") == "wss://ws.example/key"
+    assert websocket_url("off", "http://127.0.0.1:8545") is None
+    assert websocket_url("", "ipc:///var/run/geth.ipc") is None
+
+
+def test_websocket_and_balance_call_settings_are_checked() -> None:
+    from otc_common.settings import ConfigError, load_settings
+    from otc_watcher_evm.settings import WatcherSettings
+
+    base = {"OTC_DATABASE_URL": "postgresql://x", "OTC_NATS_URL": "nats://x", "OTC_REGISTRY_FILE": "r.toml"}
+    defaults = load_settings(WatcherSettings, base)
+    assert (defaults.ws_url, defaults.balance_call_addresses) == ("", rules.BALANCE_CALL_ADDRESSES)
+    chosen = load_settings(WatcherSettings, {**base, "OTC_WS_URL": "off", "OTC_BALANCE_CALL_ADDRESSES": "5000"})
+    assert (chosen.ws_url, chosen.balance_call_addresses) == ("off", 5000)
+    for variable, value in (("OTC_WS_URL", "http://node:8545"), ("OTC_BALANCE_CALL_ADDRESSES", "0")):
+        with pytest.raises(ConfigError, match=variable):
+            load_settings(WatcherSettings, {**base, variable: value})

@@ -47,7 +47,7 @@ M = TypeVar("M", bound=Message)
 SCHEMA = "watcher_utxo_unicity"
 CHAIN = "UNICITY"
 COIN = 100_000_000
-#: UNICITY's threshold in the test registry is 2: a followed tx is reported up to 4 confirmations.
+#: UNICITY's threshold in the test registry is 2: a followed tx is reported up to 2 confirmations, followed up to 4.
 STOP_AT = 4
 THRESHOLD = 2
 

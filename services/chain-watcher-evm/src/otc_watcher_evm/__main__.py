@@ -10,10 +10,11 @@ import argparse
 import asyncio
 
 from otc_common import watchset
+from otc_common.db import package_migrations
 from otc_common.registry import ChainKind
 from otc_common.runtime import Loop, Service
 from otc_common.settings import config_exit, settings_or_exit
-from otc_watcher_evm import follow
+from otc_watcher_evm import follow, heads
 from otc_watcher_evm.rpc import EvmRpc
 from otc_watcher_evm.settings import WatcherSettings
 from otc_watcher_evm.watcher import Watcher
@@ -27,8 +28,8 @@ async def serve(chain_id: str) -> None:
         f"chain-watcher-evm-{chain_id}",
         settings,
         schema=watchset.schema_name(KIND, chain_id),
-        migrations_package="otc_watcher_evm",
-        extra_migrations=[watchset.MIGRATION],
+        # The watch set's table first: the watcher's own migrations put triggers on it.
+        extra_migrations=[watchset.MIGRATION, *package_migrations("otc_watcher_evm")],
     )
     service.consume(watchset.consumer_spec(KIND, chain_id), watchset.WatchSetHandler(chain_id))
     service.consume(follow.consumer_spec(chain_id), follow.FollowHandler(chain_id))
@@ -48,8 +49,9 @@ async def serve(chain_id: str) -> None:
         chain = service.registry.chains.get(chain_id)
         if chain is None or chain.kind is not ChainKind.EVM or chain.rpc is None:
             config_exit(f"--chain {chain_id}: not an {KIND} chain in the registry")
-        rpc = EvmRpc(chain_id, chain.rpc, settings.rpc_timeout_seconds)
-        watcher.append(Watcher(chain, service.db, service.nats, rpc, settings.poll_interval_ms / 1000))
+        rpc = EvmRpc(chain_id, chain.rpc, settings.rpc_timeout_seconds, settings.balance_call_addresses)
+        heads_url = heads.websocket_url(settings.ws_url, chain.rpc)
+        watcher.append(Watcher(chain, service.db, service.nats, rpc, settings.poll_interval_ms / 1000, heads_url))
 
     await service.run(setup=setup)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from otc_common.metrics import WATCHER_BLOCK_SECONDS as BLOCK_SECONDS
 from otc_common.metrics import WATCHER_BLOCKS as BLOCKS
@@ -20,10 +20,13 @@ __all__ = [
     "BLOCK_SECONDS",
     "DEPOSITS",
     "FOLLOWED",
+    "HEAD_NOTIFICATIONS",
+    "HEAD_SUBSCRIPTION_UP",
     "HEIGHT",
     "IDLE_POLLS",
     "REORGS",
     "RPC_CALLS",
+    "STATE_RELOADS",
     "WATCHED",
 ]
 
@@ -40,4 +43,18 @@ BALANCE_DEFERRED = Counter(
     "otc_watcher_balance_checks_deferred_total",
     "Blocks whose balance check was carried forward because the node no longer serves their state",
     ["chain"],
+)
+HEAD_SUBSCRIPTION_UP = Gauge(
+    "otc_watcher_head_subscription_up",
+    "1 while the node's new-head notifications wake the watcher; 0 while it finds blocks by polling only",
+    ["chain"],
+)
+HEAD_NOTIFICATIONS = Counter(
+    "otc_watcher_head_notifications_total", "New heads the node announced over its WebSocket subscription", ["chain"]
+)
+STATE_RELOADS = Counter(
+    "otc_watcher_state_reloads_total",
+    "Times the in-memory watch set, baselines and follows were read again because others changed them: "
+    "all of it (kind=all) or, when only the head moved, what was written since (kind=changes)",
+    ["chain", "kind"],
 )

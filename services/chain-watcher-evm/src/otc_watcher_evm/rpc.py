@@ -6,9 +6,7 @@ The watcher retries any failure alike (`RpcFailure`), after a backoff.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
-from importlib import resources
 from typing import Any, TypeVar
 
 from otc_common.evm_rpc import EvmJsonRpc, RpcUnavailable
@@ -18,16 +16,14 @@ from otc_watcher_evm.rules import Block, Log, Receipt
 T = TypeVar("T")
 
 
-@functools.cache
-def balance_reader_init_code() -> str:
-    text = resources.files("otc_watcher_evm").joinpath("BalanceReader.json").read_text(encoding="utf-8")
-    code: str = json.loads(text)["bytecode"]
-    return code
-
-
 class EvmRpc(EvmJsonRpc):
-    def __init__(self, chain: str, url: str, timeout_seconds: float) -> None:
+    def __init__(
+        self, chain: str, url: str, timeout_seconds: float, balance_call_addresses: int = rules.BALANCE_CALL_ADDRESSES
+    ) -> None:
         super().__init__(chain, url, timeout_seconds, metrics.RPC_CALLS)
+        self.balance_call_addresses = balance_call_addresses
+        #: The last balance calls built, for the addresses they read: a watch set is read block after block.
+        self._balance_calls: tuple[list[str], list[tuple[list[str], dict[str, str]]]] = ([], [])
 
     async def block_number(self) -> int:
         raw = await self.call("eth_blockNumber")
@@ -61,16 +57,31 @@ class EvmRpc(EvmJsonRpc):
         return _checked(lambda: rules.parse_receipt(raw, tx_gas_price))
 
     async def balances(self, addresses: Sequence[str], block_hash: str | None) -> dict[str, int]:
-        """Native balances at the end of a block (None: the latest), one simulated creation per 1,500 addresses."""
+        """Native balances (lowercase `0x` addresses) at the end of a block (None: the latest)."""
+        return rules.balances_from_words(addresses, await self.balance_words(addresses, block_hash))
+
+    async def balance_words(self, addresses: Sequence[str], block_hash: str | None) -> bytes:
+        """The same balances as 32-byte big-endian words in the order of `addresses`, undecoded.
+
+        One `eth_call` per `balance_call_addresses` addresses, each running the balance reader placed
+        with a state override, so nothing is deployed and no code-size limit applies.
+        """
         at: dict[str, str] | str = "latest" if block_hash is None else {"blockHash": block_hash}
-        result: dict[str, int] = {}
-        code = balance_reader_init_code()
-        for start in range(0, len(addresses), rules.BALANCE_BATCH):
-            batch = addresses[start : start + rules.BALANCE_BATCH]
-            data = rules.balance_call_data(code, batch)
-            raw = await self.call("eth_call", {"data": data}, at)
-            result.update(_checked(functools.partial(rules.decode_balances, raw, batch)))
-        return result
+        words: list[bytes] = []
+        for batch, transaction in self._balance_calls_for(addresses):
+            raw = await self.call("eth_call", transaction, at, rules.BALANCE_READER_OVERRIDE)
+            words.append(_checked(functools.partial(rules.balance_words, raw, len(batch))))
+        return words[0] if len(words) == 1 else b"".join(words)
+
+    def _balance_calls_for(self, addresses: Sequence[str]) -> list[tuple[list[str], dict[str, str]]]:
+        built_for, calls = self._balance_calls
+        wanted = list(addresses)
+        if wanted != built_for:
+            step = self.balance_call_addresses
+            batches = [wanted[start : start + step] for start in range(0, len(wanted), step)]
+            calls = [(batch, rules.balance_call(batch)) for batch in batches]
+            self._balance_calls = (wanted, calls)
+        return calls
 
 
 def _parse_logs(raw: Any) -> list[Log]:

@@ -6,7 +6,8 @@ to the form the engine assigned them in before publishing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import bisect
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,6 @@ TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523
 NATIVE_INDEX = -1
 #: `index` of native coin that arrived by internal transfers, found by the balance check.
 INTERNAL_INDEX = -2
-#: The balance reader packs balances into 16 bytes; this value means "too large to tell".
-SATURATED = 2**128 - 1
 
 
 class MalformedChainData(ValueError):
@@ -153,17 +152,16 @@ class Found:
         return self.asset is not None
 
 
-def native_deposits(block: Block, watched: Iterable[str], native_symbol: str) -> list[Found]:
+def native_deposits(block: Block, watched: Container[str], native_symbol: str) -> list[Found]:
     """Transactions paying value straight to a watched escrow.
 
     An escrow is a key-derived account without code, so a mined transaction to it cannot revert:
     its value arrived, and no receipt is needed to know that.
     """
-    targets = set(watched)
     return [
         Found(address=tx.to, txid=tx.hash, index=NATIVE_INDEX, amount=tx.value, asset=native_symbol)
         for tx in block.txs
-        if tx.to is not None and tx.to in targets and tx.value > 0 and tx.sender != tx.to
+        if tx.to is not None and tx.to in watched and tx.value > 0 and tx.sender != tx.to
     ]
 
 
@@ -177,13 +175,12 @@ def transfer_recipient(log: Log) -> str | None:
     return "0x" + topic[26:]
 
 
-def token_deposits(logs: Iterable[Log], watched: Iterable[str], tokens: Mapping[str, str]) -> list[Found]:
+def token_deposits(logs: Iterable[Log], watched: Container[str], tokens: Mapping[str, str]) -> list[Found]:
     """ERC-20 Transfers to watched escrows; `tokens` maps registered contracts to their symbols."""
-    targets = set(watched)
     found = []
     for log in logs:
         to = transfer_recipient(log)
-        if to is None or to not in targets or len(log.data) != 66:
+        if to is None or to not in watched or len(log.data) != 66:
             continue
         amount = int(log.data, 16)
         if amount == 0:
@@ -280,7 +277,7 @@ def judge_balances(
         if baseline.balance != now or baseline.direct_since != 0 or baseline.spent_since != 0:
             verdict.baselines[address] = Baseline(now)
         spent = _add(baseline.spent_since, outflows.get(address, 0))
-        if spent is None or baseline.balance == SATURATED or now == SATURATED:
+        if spent is None:
             continue
         expected = baseline.balance + baseline.direct_since + direct.get(address, 0) - spent
         if now > expected:
@@ -350,28 +347,140 @@ confirmations_at = chainwatch.confirmations_at
 
 # --------------------------------------------------------------------------- balance reader calls
 
-BALANCE_BYTES = 16
-#: EIP-3860 caps init code (with the appended addresses) at 49,152 bytes and EIP-170 caps the
-#: returned bytes at 24,576; 1,500 addresses stay inside both.
-BALANCE_BATCH = 1500
+#: Where the reader's code is placed for the duration of one `eth_call` (its state override, the
+#: call's third parameter); nothing is ever deployed, here or anywhere.
+BALANCE_READER_ADDRESS = "0x" + "ba1a" * 10
+
+#: The reader. Its calldata is the addresses packed 20 bytes each; it returns each one's native
+#: balance as a 32-byte word, in the same order:
+#:     out = 0; for (in = 0; in < calldatasize; in += 20) { mstore(out, balance(calldataload(in) >> 96)); out += 32 }
+#:     return(0, out)
+BALANCE_READER_CODE = "0x" + "".join(
+    (
+        "6000",  # 0x00 PUSH1 0       out
+        "6000",  # 0x02 PUSH1 0       in
+        "5b",  # 0x04 JUMPDEST        loop:
+        "36",  # 0x05 CALLDATASIZE
+        "81",  # 0x06 DUP2            in
+        "10",  # 0x07 LT              in < calldatasize
+        "15",  # 0x08 ISZERO
+        "601f",  # 0x09 PUSH1 0x1f    done
+        "57",  # 0x0b JUMPI
+        "80",  # 0x0c DUP1            in
+        "35",  # 0x0d CALLDATALOAD
+        "6060",  # 0x0e PUSH1 96
+        "1c",  # 0x10 SHR             the 20-byte address at `in`
+        "31",  # 0x11 BALANCE
+        "82",  # 0x12 DUP3            out
+        "52",  # 0x13 MSTORE
+        "6014",  # 0x14 PUSH1 20
+        "01",  # 0x16 ADD             in += 20
+        "90",  # 0x17 SWAP1
+        "6020",  # 0x18 PUSH1 32
+        "01",  # 0x1a ADD             out += 32
+        "90",  # 0x1b SWAP1
+        "6004",  # 0x1c PUSH1 0x04    loop
+        "56",  # 0x1e JUMP
+        "5b",  # 0x1f JUMPDEST        done:
+        "50",  # 0x20 POP             in
+        "6000",  # 0x21 PUSH1 0
+        "f3",  # 0x23 RETURN          memory[0:out]
+    )
+)
+BALANCE_READER_OVERRIDE = {BALANCE_READER_ADDRESS: {"code": BALANCE_READER_CODE}}
+
+#: Gas one address costs the reader, at most: a cold BALANCE (2,600, EIP-2929), its 20 calldata bytes
+#: (320), the loop and its memory word (75); memory's quadratic term and the call's 21,000 come on top.
+BALANCE_GAS_PER_ADDRESS = 2_995
+#: Addresses one balance call reads by default. 10,000 addresses need about 30.2M gas, 15,000 about
+#: 45.4M: above the common 30M block gas limit, so the call names its gas (`balance_call_gas`), and
+#: inside the 50M eth_call gas cap geth, erigon and reth apply by default (anvil has none). A node
+#: with a lower cap, or one that holds eth_call to its block gas limit, needs a lower bound
+#: (OTC_BALANCE_CALL_ADDRESSES); past the bound the addresses are split over several calls.
+BALANCE_CALL_ADDRESSES = 15_000
 
 
-def balance_call_data(init_code: str, addresses: Sequence[str]) -> str:
-    """The reader's init code followed by the ABI encoding of `address[]`."""
-    words = [f"{32:064x}", f"{len(addresses):064x}"]
-    words.extend(address[2:].rjust(64, "0") for address in addresses)
-    return init_code + "".join(words)
+def balance_call_gas(count: int) -> int:
+    """The gas to give a balance call of `count` addresses: what it needs, and 5% to spare."""
+    needed = 21_000 + BALANCE_GAS_PER_ADDRESS * count + count * count // 512 + 100
+    return needed * 21 // 20
 
 
-def decode_balances(result: str, addresses: Sequence[str]) -> dict[str, int]:
-    raw = bytes.fromhex(result[2:] if result.startswith("0x") else result)
-    count = len(addresses)
-    if len(raw) != 32 + BALANCE_BYTES * count or int.from_bytes(raw[:32], "big") != count:
-        raise MalformedChainData("balance reader returned an unexpected length")
+def balance_call(addresses: Sequence[str]) -> dict[str, str]:
+    """The `eth_call` transaction reading the native balances of `addresses` (lowercase `0x` hex)."""
     return {
-        address: int.from_bytes(raw[32 + BALANCE_BYTES * i : 32 + BALANCE_BYTES * (i + 1)], "big")
-        for i, address in enumerate(addresses)
+        "to": BALANCE_READER_ADDRESS,
+        "data": "0x" + "".join(address[2:] for address in addresses),
+        "gas": hex(balance_call_gas(len(addresses))),
     }
+
+
+def balance_words(result: Any, count: int) -> bytes:
+    """The reader's answer for `count` addresses: one 32-byte big-endian balance each, in order."""
+    if not isinstance(result, str) or not result.startswith("0x"):
+        raise MalformedChainData("balance reader returned no hex data")
+    try:
+        words = bytes.fromhex(result[2:])
+    except ValueError:
+        raise MalformedChainData("balance reader returned no hex data") from None
+    if len(words) != 32 * count:
+        raise MalformedChainData("balance reader returned an unexpected length")
+    return words
+
+
+def word_at(words: bytes, position: int) -> int:
+    return int.from_bytes(words[32 * position : 32 * position + 32], "big")
+
+
+def balances_from_words(addresses: Sequence[str], words: bytes) -> dict[str, int]:
+    view = memoryview(words)
+    return {address: int.from_bytes(view[32 * i : 32 * i + 32], "big") for i, address in enumerate(addresses)}
+
+
+def decode_balances(result: Any, addresses: Sequence[str]) -> dict[str, int]:
+    return balances_from_words(addresses, balance_words(result, len(addresses)))
+
+
+#: Words compared at once when looking for the balances that moved between two reads.
+_CHUNK_WORDS = 64
+
+
+def changed_positions(before: bytes, after: bytes) -> list[int]:
+    """Positions of the words that differ between two reads of the same addresses."""
+    if before == after:
+        return []
+    old, new = memoryview(before), memoryview(after)
+    width = 32 * _CHUNK_WORDS
+    changed = []
+    for start in range(0, len(new), width):
+        if old[start : start + width] != new[start : start + width]:
+            for at in range(start, min(start + width, len(new)), 32):
+                if old[at : at + 32] != new[at : at + 32]:
+                    changed.append(at // 32)
+    return changed
+
+
+def balances_to_judge(
+    known: Sequence[str],
+    words: bytes,
+    settled: bytes | None,
+    direct: Mapping[str, int],
+    outflows: Mapping[str, int | None],
+) -> dict[str, int]:
+    """The measured balances `judge_balances` needs to see, from one read (`words`) of the sorted `known`.
+
+    `settled` is the previous read when every baseline still equals it (none carries deposits or
+    spending forward); then an escrow whose balance did not move and that no transaction of the
+    block paid or spent from is left out, as judging it finds nothing. Otherwise all are judged.
+    """
+    if settled is None or len(settled) != len(words):
+        return balances_from_words(known, words)
+    positions = set(changed_positions(settled, words))
+    for address in (*direct, *outflows):
+        at = bisect.bisect_left(known, address)
+        if at < len(known) and known[at] == address:
+            positions.add(at)
+    return {known[at]: word_at(words, at) for at in sorted(positions)}
 
 
 def address_topic(address: str) -> str:

@@ -39,6 +39,26 @@ async def head(conn: Connection) -> Head | None:
     return None if row is None else Head(row["number"], row["hash"], row["version"])
 
 
+@dataclass(frozen=True)
+class Feed:
+    """Counts of the changes others made (see migration 004): to the watch set, and to the follows."""
+
+    watch_set: int
+    followed: int
+
+
+async def head_and_feed(conn: Connection) -> tuple[Head | None, Feed]:
+    row = await conn.fetchrow(
+        """SELECT h.number, h.hash, h.version,
+                  (SELECT version FROM feed WHERE name = 'watch_set') AS watch_set,
+                  (SELECT version FROM feed WHERE name = 'followed') AS followed
+           FROM (VALUES (true)) AS one (id) LEFT JOIN head h USING (id)"""
+    )
+    assert row is not None
+    found = None if row["number"] is None else Head(row["number"], row["hash"], row["version"])
+    return found, Feed(int(row["watch_set"]), int(row["followed"]))
+
+
 async def claim_head(conn: Connection, seen: Head | None) -> bool:
     """In a transaction: true when nothing changed since `seen` was read, and holds off other writers."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':head'))")
@@ -47,31 +67,37 @@ async def claim_head(conn: Connection, seen: Head | None) -> bool:
     return current == (None if seen is None else seen.version)
 
 
-async def set_head(conn: Connection, number: int, block_hash: str) -> None:
-    await conn.execute(
+async def set_head(conn: Connection, number: int, block_hash: str) -> Head:
+    version = await conn.fetchval(
         """INSERT INTO head (id, number, hash, version) VALUES (true, $1, $2, 1)
            ON CONFLICT (id) DO UPDATE SET number = EXCLUDED.number, hash = EXCLUDED.hash,
-                                          version = head.version + 1""",
+                                          version = head.version + 1
+           RETURNING version""",
         number,
         block_hash,
     )
+    return Head(number, block_hash, int(version))
 
 
 async def bump_version(conn: Connection) -> None:
     await conn.execute("UPDATE head SET version = version + 1")
 
 
-async def pending_work(conn: Connection) -> tuple[bool, bool]:
-    """(followed transactions not yet looked up, watched escrows not yet re-checked)."""
-    row = await conn.fetchrow(
-        """SELECT EXISTS (SELECT 1 FROM followed WHERE NOT checked AND NOT done) AS follows,
-                  EXISTS (SELECT 1 FROM watch_set w WHERE NOT EXISTS
-                              (SELECT 1 FROM balances b WHERE b.address = w.address))
-                  OR EXISTS (SELECT 1 FROM balances b WHERE NOT EXISTS
-                              (SELECT 1 FROM watch_set w WHERE w.address = b.address)) AS addresses"""
+async def follows_pending(conn: Connection) -> bool:
+    """Followed transactions not yet looked up."""
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM followed WHERE NOT checked AND NOT done)"))
+
+
+async def escrows_pending(conn: Connection) -> bool:
+    """Watched escrows not yet re-checked, or balances of escrows no longer watched."""
+    return bool(
+        await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM watch_set w WHERE NOT EXISTS
+                                  (SELECT 1 FROM balances b WHERE b.address = w.address))
+                      OR EXISTS (SELECT 1 FROM balances b WHERE NOT EXISTS
+                                  (SELECT 1 FROM watch_set w WHERE w.address = b.address))"""
+        )
     )
-    assert row is not None
-    return bool(row["follows"]), bool(row["addresses"])
 
 
 # --------------------------------------------------------------------------- blocks
@@ -115,12 +141,13 @@ async def watched(conn: Connection) -> dict[str, str]:
     return {row["address"].lower(): row["address"] for row in await conn.fetch("SELECT address FROM watch_set")}
 
 
-async def baselines(conn: Connection) -> dict[str, Baseline]:
-    """Lowercase address → balance baseline, for watched escrows already re-checked."""
-    rows = await conn.fetch(
-        """SELECT b.address, b.balance, b.direct_since, b.spent_since
-           FROM balances b JOIN watch_set w USING (address)"""
-    )
+_BASELINES = """SELECT b.address, b.balance::text AS balance, b.direct_since::text AS direct_since,
+                        b.spent_since::text AS spent_since
+                 FROM balances b JOIN watch_set w USING (address)"""
+
+
+def _baselines(rows: Iterable[asyncpg.Record]) -> dict[str, Baseline]:
+    # Read as text: a numeric column decodes to Decimal, several times slower for 10,000 rows.
     return {
         row["address"].lower(): Baseline(
             int(row["balance"]),
@@ -129,6 +156,16 @@ async def baselines(conn: Connection) -> dict[str, Baseline]:
         )
         for row in rows
     }
+
+
+async def baselines(conn: Connection) -> dict[str, Baseline]:
+    """Lowercase address → balance baseline, for watched escrows already re-checked."""
+    return _baselines(await conn.fetch(_BASELINES))
+
+
+async def baselines_written_since(conn: Connection, version: int) -> dict[str, Baseline]:
+    """The baselines written in transactions that claimed head version `version` or a later one."""
+    return _baselines(await conn.fetch(_BASELINES + " WHERE b.version >= $1", version))
 
 
 async def unchecked_escrows(conn: Connection, limit: int) -> list[str]:
@@ -148,14 +185,17 @@ async def drop_unwatched_balances(conn: Connection) -> None:
 
 
 async def set_baselines(conn: Connection, values: Mapping[str, Baseline]) -> None:
+    """In a transaction that claimed the head (`claim_head`), and so moves it on before it commits."""
     if not values:
         return
     addresses = list(values)
     await conn.execute(
-        """INSERT INTO balances (address, balance, direct_since, spent_since)
-           SELECT * FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::numeric[])
+        """INSERT INTO balances (address, balance, direct_since, spent_since, version)
+           SELECT address, balance, direct_since, spent_since, coalesce((SELECT version FROM head), 0)
+           FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::numeric[])
+                AS v (address, balance, direct_since, spent_since)
            ON CONFLICT (address) DO UPDATE SET balance = EXCLUDED.balance, direct_since = EXCLUDED.direct_since,
-                                               spent_since = EXCLUDED.spent_since""",
+                                               spent_since = EXCLUDED.spent_since, version = EXCLUDED.version""",
         addresses,
         [values[a].balance for a in addresses],
         [values[a].direct_since for a in addresses],
@@ -280,7 +320,3 @@ async def unmine(conn: Connection, block_hashes: Sequence[str]) -> list[Followed
         list(block_hashes),
     )
     return [_followed(row) for row in rows]
-
-
-async def follow_count(conn: Connection) -> int:
-    return int(await conn.fetchval("SELECT count(*) FROM followed WHERE NOT done") or 0)

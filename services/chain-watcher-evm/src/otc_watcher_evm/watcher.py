@@ -4,6 +4,10 @@ Each step reads the state, asks the node, and then, in one transaction that firs
 state is unchanged (`store.claim_head`), records its result together with the events it causes.
 A step whose view went stale (another replica moved on) is dropped and redone from the new state,
 so a SIGKILL or a rival replica between any two lines loses nothing and publishes nothing twice.
+
+What a block step reads (the watch set, the balance baselines, the open follows) is kept in memory
+between blocks (`View`) and brought in step with what each block commits; it is read again whenever
+the stored head's version or the count of others' changes (`feed`) differs from the copy's.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -32,9 +37,10 @@ from otc_common.messages import (
 from otc_common.registry import Chain
 from otc_common.runtime import Loop
 from otc_watcher_evm import metrics, rules, store
+from otc_watcher_evm.heads import HeadSubscription
 from otc_watcher_evm.rpc import EvmRpc
 from otc_watcher_evm.rules import Baseline, Block, Followed, Found, Receipt
-from otc_watcher_evm.store import Head, StoredBlock
+from otc_watcher_evm.store import Feed, Head, StoredBlock
 
 log = logging.getLogger("otc.watcher.evm")
 
@@ -47,8 +53,74 @@ WATCH_SET_CATCH_UP_SECONDS = 10.0
 ASIDE_RETRY_SECONDS = 2.0
 
 
+@dataclass
+class View:
+    """What a block step reads, as of one stored `head` and `feed` (`store.head_and_feed`)."""
+
+    head: Head | None
+    feed: Feed
+    #: Lowercase address → the address as assigned.
+    watched: dict[str, str]
+    #: Lowercase address → balance baseline, for watched escrows already re-checked.
+    baselines: dict[str, Baseline]
+    #: Open followed transactions by txid.
+    follows: dict[str, Followed]
+    #: The baselines' addresses in the order the balance call reads them.
+    known: list[str]
+    #: The head block's balance read (`rules.balance_words` of `known`) while every baseline equals it.
+    settled: bytes | None = None
+
+    def current(self, head: Head | None, feed: Feed) -> bool:
+        return head == self.head and feed == self.feed
+
+    def caught_up(self, head: Head, feed: Feed, written: Mapping[str, Baseline], follows: dict[str, Followed]) -> None:
+        """Takes in what others wrote since `self.head` (the watch set itself is as it was)."""
+        self.head = head
+        self.feed = feed
+        fresh = written.keys() - self.baselines.keys()
+        self.baselines.update(written)
+        if fresh:
+            self.known = sorted(self.baselines)
+        self.follows = follows
+        self.settled = None
+
+    def after_block(
+        self,
+        head: Head,
+        baselines: Mapping[str, Baseline],
+        follows: dict[str, Followed],
+        done: Iterable[Followed],
+        words: bytes | None,
+    ) -> None:
+        """Applies what the block step committed: `set_baselines`, `mark_mined` and `mark_done`.
+
+        `words` is the block's balance read, None if it was carried forward: a judged read leaves every
+        baseline equal to it, a carried one leaves some with deposits or spending still to account for.
+        """
+        self.head = head
+        self.baselines.update(baselines)
+        self.settled = words
+        for item in done:
+            follows.pop(item.txid, None)
+            for txid in [
+                other.txid
+                for other in follows.values()
+                if other.transfer_id == item.transfer_id and other.block_hash is None
+            ]:
+                del follows[txid]
+        self.follows = follows
+
+
 class Watcher:
-    def __init__(self, chain: Chain, pool: Pool, bus: Bus, rpc: EvmRpc, poll_interval: float) -> None:
+    def __init__(
+        self,
+        chain: Chain,
+        pool: Pool,
+        bus: Bus,
+        rpc: EvmRpc,
+        poll_interval: float,
+        heads_url: str | None = None,
+    ) -> None:
         self.chain = chain
         self.id = chain.id
         self.pool = pool
@@ -60,8 +132,14 @@ class Watcher:
             asset.contract.lower(): symbol for symbol, asset in chain.assets.items() if asset.contract is not None
         }
         self.stop_at = rules.stop_at(chain.confirmations)
+        self.heads_url = heads_url
         self._aside_after: dict[str, float] = {}
         self._deferring = False
+        self._view: View | None = None
+        #: Per part of the feed, the count at which nothing was left to look up or to re-check.
+        self._settled = Feed(watch_set=-1, followed=-1)
+        #: Set when the node announces a new head: the idle wait ends early.
+        self._woken = asyncio.Event()
 
     # ----------------------------------------------------------------- loop
 
@@ -71,13 +149,32 @@ class Watcher:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             yield conn
 
+    def wake(self) -> None:
+        self._woken.set()
+
     async def run(self, loop: Loop) -> None:
         self.rpc.on_answer = loop.beat
+        heads: asyncio.Task[None] | None = None
+        metrics.HEAD_SUBSCRIPTION_UP.labels(self.id).set(0)
+        if self.heads_url is not None:
+            subscription = HeadSubscription(self.id, self.heads_url, self.wake, self.rpc.timeout.total or 10.0)
+            heads = asyncio.create_task(subscription.run(), name=f"new-heads:{self.id}")
+        try:
+            await self._follow(loop)
+        finally:
+            if heads is not None:
+                heads.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heads
+
+    async def _follow(self, loop: Loop) -> None:
         durable = watchset.consumer_spec("evm", self.id).durable
         await chainwatch.await_consumer(self.bus, "DEALS", durable, loop.beat, WATCH_SET_CATCH_UP_SECONDS)
         failures = 0
         while True:
             loop.beat()
+            # Cleared before the step looks for a block: a head announced while it runs is not missed.
+            self._woken.clear()
             try:
                 progressed = await self.step()
                 failures = 0
@@ -94,6 +191,8 @@ class Watcher:
                 asyncpg.InterfaceError,
                 asyncpg.InternalClientError,  # a pooled connection the database cut mid-reply (a restart)
             ) as exc:
+                # A commit whose answer was lost may have happened: read everything again.
+                self._view = None
                 delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
                 failures += 1
                 log.warning(
@@ -106,20 +205,36 @@ class Watcher:
                 await asyncio.sleep(delay)
                 continue
             if not progressed:
-                await asyncio.sleep(self.poll_interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), self.poll_interval)
 
     async def step(self) -> bool:
         """One round: look up new follows, re-check new escrows, take the next block. True if it moved."""
         async with self.pool.acquire() as conn:
-            head = await store.head(conn)
-            follows_pending, escrows_pending = await store.pending_work(conn) if head else (False, False)
+            head, feed = await store.head_and_feed(conn)
+            # Work besides the blocks comes only from others' changes, which the feed counts.
+            started = head is not None
+            follows_pending = started and feed.followed != self._settled.followed and await store.follows_pending(conn)
+            escrows_pending = (
+                started and feed.watch_set != self._settled.watch_set and await store.escrows_pending(conn)
+            )
         if head is None:
-            return await self._first_block()
+            return await self._first_block(feed)
         if follows_pending:
             await self._aside("looking up followed transactions", self._look_up_follows)
         if escrows_pending:
             await self._aside("re-checking new escrows", self._recheck_new_escrows)
-        return await self._next_block()
+        # Settled only once a look shows nothing left: work done just now is looked for again next step.
+        self._settled = Feed(
+            watch_set=self._settled.watch_set if escrows_pending else feed.watch_set,
+            followed=self._settled.followed if follows_pending else feed.followed,
+        )
+        if follows_pending or escrows_pending:
+            async with self.pool.acquire() as conn:
+                head, feed = await store.head_and_feed(conn)
+            if head is None:
+                return False
+        return await self._next_block(head, feed)
 
     async def _aside(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
         """Work besides the next block: its failure is retried later and never holds the chain up."""
@@ -133,11 +248,16 @@ class Watcher:
 
     async def _measure(self, addresses: list[str], block: Block) -> dict[str, int] | None:
         """Balances at the end of `block`; None when the node no longer serves that old state."""
+        words = await self._measure_words(addresses, block)
+        return None if words is None else rules.balances_from_words(addresses, words)
+
+    async def _measure_words(self, addresses: list[str], block: Block) -> bytes | None:
+        """The same as the reader's undecoded words (`rules.balance_words`)."""
         try:
-            balances = await self.rpc.balances(addresses, block.hash)
+            words = await self.rpc.balance_words(addresses, block.hash)
         except RpcFailure:
             # The same call at the tip tells an old block's missing state from a failing node.
-            await self.rpc.balances(addresses, None)
+            await self.rpc.balance_words(addresses, None)
             metrics.BALANCE_DEFERRED.labels(self.id).inc()
             if not self._deferring:
                 log.warning(
@@ -149,48 +269,85 @@ class Watcher:
         if self._deferring:
             log.info("balance checks resumed", extra={"chain": self.id, "height": block.number})
         self._deferring = False
-        return balances
+        return words
 
     # ----------------------------------------------------------------- blocks
 
-    async def _first_block(self) -> bool:
+    async def _view_of(self, head: Head | None, feed: Feed) -> View:
+        """The in-memory copy, read again in part or in whole if the tables moved on since."""
+        view = self._view
+        if view is not None and view.current(head, feed):
+            return view
+        if (
+            view is not None
+            and view.head is not None
+            and feed.watch_set == view.feed.watch_set
+            and await self._catch_up(view)
+        ):
+            return view
+        self._view = None  # the stale copy's memory goes before the new one is read
+        metrics.STATE_RELOADS.labels(self.id, "all").inc()
+        async with self._snapshot() as conn:
+            head, feed = await store.head_and_feed(conn)
+            watched = await store.watched(conn)
+            baselines = await store.baselines(conn)
+            follows = await store.open_follows(conn)
+        self._view = View(head, feed, watched, baselines, follows, sorted(baselines))
+        return self._view
+
+    async def _catch_up(self, view: View) -> bool:
+        """Reads only what others wrote since the copy's head, when the watch set stayed as it was.
+
+        Whoever writes baselines claims the head (another replica's block, a re-check, a rescan), so
+        they carry the version it claimed; the open follows are few and read whole. False when the
+        watch set changed after all, or the head went back: then everything is read again.
+        """
+        assert view.head is not None
+        async with self._snapshot() as conn:
+            head, feed = await store.head_and_feed(conn)
+            if head is None or feed.watch_set != view.feed.watch_set or head.version < view.head.version:
+                return False
+            written = await store.baselines_written_since(conn, view.head.version)
+            follows = await store.open_follows(conn)
+        metrics.STATE_RELOADS.labels(self.id, "changes").inc()
+        view.caught_up(head, feed, written, follows)
+        return True
+
+    async def _first_block(self, feed: Feed) -> bool:
         number = await self.rpc.block_number()
         block = await self.rpc.block(number, full=True)
         if block is None:
             return False
+        view = await self._view_of(None, feed)
+        if view.head is not None:
+            return True  # another replica took the first block meanwhile: follow on from its head
         log.info("first start: following from the current tip", extra={"chain": self.id, "height": number})
-        await self._process(block, None)
+        await self._process(block, view)
         return True
 
-    async def _next_block(self) -> bool:
-        async with self.pool.acquire() as conn:
-            head = await store.head(conn)
-        assert head is not None
+    async def _next_block(self, head: Head, feed: Feed) -> bool:
         cpu, wall = time.process_time(), time.perf_counter()
-        block = await self.rpc.block(head.number + 1, full=True)
+        view = await self._view_of(head, feed)
+        if view.head is None:
+            return False  # the head row is new or gone since it was read: the next step starts over
+        block = await self.rpc.block(view.head.number + 1, full=True)
         if block is None:
             metrics.IDLE_POLLS.labels(self.id).inc()
             return False
-        if block.parent_hash != head.hash:
-            await self._reorg(head, block)
+        if block.parent_hash != view.head.hash:
+            await self._reorg(view.head, block)
             return True
-        await self._process(block, head, cpu, wall)
+        await self._process(block, view, cpu, wall)
         return True
 
-    async def _process(
-        self, block: Block, head: Head | None, cpu: float | None = None, wall: float | None = None
-    ) -> None:
+    async def _process(self, block: Block, view: View, cpu: float | None = None, wall: float | None = None) -> None:
         cpu = time.process_time() if cpu is None else cpu
         wall = time.perf_counter() if wall is None else wall
-        async with self._snapshot() as conn:
-            watched = await store.watched(conn)
-            previous = await store.baselines(conn)
-            follows = await store.open_follows(conn)
+        watched, previous, follows = view.watched, view.baselines, view.follows
         logs = await self.rpc.logs_in_block(block.hash)
         if any(entry.block_hash != block.hash for entry in logs):
             raise RpcFailure(f"logs of block {block.number} came from another block (reorg under way)")
-        known = sorted(previous)
-        measured = await self._measure(known, block) if known else {}
+        words = await self._measure_words(view.known, block) if view.known else b""
         receipts: dict[str, Receipt] = {}
         for tx in block.txs:
             if tx.hash in follows:
@@ -201,8 +358,10 @@ class Watcher:
 
         native = rules.native_deposits(block, watched, self.native)
         tokens = rules.token_deposits(logs, watched, self.tokens)
+        direct = rules.sum_by_address(native)
         outflows = {a: spent for a, spent in rules.known_outflows(block, receipts).items() if a in watched}
-        verdict = rules.judge_balances(previous, measured, rules.sum_by_address(native), outflows)
+        measured = None if words is None else rules.balances_to_judge(view.known, words, view.settled, direct, outflows)
+        verdict = rules.judge_balances(previous, measured, direct, outflows)
         internal = [
             Found(
                 address=address,
@@ -224,12 +383,13 @@ class Watcher:
             )
             for txid, receipt in receipts.items()
         }
-        open_follows = {**follows, **mined}.values()
-        confirmations = rules.confirmations_at(open_follows, block.number)
+        open_follows = {**follows, **mined}
+        confirmations = rules.confirmations_at(open_follows.values(), block.number)
+        done = [item for item, count in confirmations if count >= self.stop_at]
 
         async with self.pool.acquire() as conn, conn.transaction():
-            if not await store.claim_head(conn, head):
-                return
+            if not await store.claim_head(conn, view.head):
+                return  # another writer moved on: the next step catches up with what it wrote
             await store.insert_block(conn, block)
             published = 0
             for found in [*native, *tokens, *internal]:
@@ -237,20 +397,21 @@ class Watcher:
             for item in mined.values():
                 assert item.block_number is not None and item.block_hash is not None
                 await store.mark_mined(conn, item.txid, item.block_number, item.block_hash, item.success, item.fee_paid)
-            await self._confirmations(conn, confirmations)
+            # Block by block, up to the threshold; a look-up's first report goes out whatever its count.
+            await self._confirmations(conn, confirmations, self.chain.confirmations)
             await store.set_baselines(conn, {watched[a]: b for a, b in verdict.baselines.items()})
             await chainwatch.emit_tip(
                 conn, ChainTip(chain=self.id, height=block.number, hash=block.hash, time=block.time)
             )
             await store.prune(conn, block.number - self.chain.reorg_window + 1)
-            await store.set_head(conn, block.number, block.hash)
+            new_head = await store.set_head(conn, block.number, block.hash)
             matured = await store.confirm_deposits(conn, block.number - self.chain.confirmations + 1)
-            followed_count = await store.follow_count(conn)
+        view.after_block(new_head, verdict.baselines, open_follows, done, words)
 
         metrics.BLOCKS.labels(self.id).inc()
         metrics.HEIGHT.labels(self.id).set(block.number)
         metrics.WATCHED.labels(self.id).set(len(watched))
-        metrics.FOLLOWED.labels(self.id).set(followed_count)
+        metrics.FOLLOWED.labels(self.id).set(len(view.follows))
         metrics.BLOCK_CPU.labels(self.id).observe(time.process_time() - cpu)
         metrics.BLOCK_SECONDS.labels(self.id).observe(time.perf_counter() - wall)
         for waited in matured:
@@ -320,9 +481,11 @@ class Watcher:
         )
         return 1
 
-    async def _confirmations(self, conn: Connection, updates: Iterable[tuple[Followed, int]]) -> None:
+    async def _confirmations(
+        self, conn: Connection, updates: Iterable[tuple[Followed, int]], threshold: int | None = None
+    ) -> None:
         for item, count in updates:
-            await chainwatch.emit_confirmation(conn, self.id, item, count)
+            await chainwatch.emit_confirmation(conn, self.id, item, count, threshold)
             if count >= self.stop_at:
                 await store.mark_done(conn, item)
 
@@ -384,6 +547,7 @@ class Watcher:
                 await store.insert_block(conn, ancestor)
             await store.set_baselines(conn, {watched[a]: b for a, b in baselines.items() if a in watched})
             await store.set_head(conn, ancestor.number, ancestor.hash)
+        self._view = None  # rare, and much of it rewritten: read it all again
 
         metrics.REORGS.labels(self.id).inc()
         log.warning(
@@ -489,7 +653,7 @@ class Watcher:
         tokens = [
             (by_number[found_log.block_number].as_block(), found)
             for found_log in logs
-            for found in rules.token_deposits([found_log], addresses, self.tokens)
+            for found in rules.token_deposits([found_log], canonical, self.tokens)
         ]
 
         async with self.pool.acquire() as conn, conn.transaction():
@@ -500,8 +664,9 @@ class Watcher:
             await store.set_baselines(conn, {canonical[a]: Baseline(v) for a, v in at_head.items()})
             await store.drop_unwatched_balances(conn)
             await store.bump_version(conn)
+        self._view = None  # the watch set changed: read it all again
         for address in addresses:
-            if 0 < at_base[address] != rules.SATURATED:
+            if at_base[address] > 0:
                 await self.bus.raise_alert(
                     "escrow_funded_before_window",
                     f"{canonical[address]} on {self.id} already held {at_base[address]} wei before the last "
