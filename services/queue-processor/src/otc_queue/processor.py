@@ -66,12 +66,24 @@ from otc_queue.utxo_flow import UtxoPayouts
 log = logging.getLogger("otc.queue")
 
 SOURCE = "queue-processor"
-COMMANDS = ConsumerSpec(durable="queue-processor-commands", stream="QUEUE", filter_subjects=["otc.queue.cmd.>"])
-CONFIRMATIONS = ConsumerSpec(
-    durable="queue-processor-chain",
-    stream="CHAIN",
-    filter_subjects=[subjects.chain_event("*", "confirmation")],
-)
+
+
+# Commands and confirmations of different chains touch different rows: one consumer per chain lets
+# a busy chain's backlog wait on the database without holding up the others.
+def commands_spec(chain: str) -> ConsumerSpec:
+    return ConsumerSpec(
+        durable=f"queue-processor-commands-{chain}", stream="QUEUE", filter_subjects=[subjects.queue_command(chain)]
+    )
+
+
+def confirmations_spec(chain: str) -> ConsumerSpec:
+    return ConsumerSpec(
+        durable=f"queue-processor-chain-{chain}",
+        stream="CHAIN",
+        filter_subjects=[subjects.chain_event(chain, "confirmation")],
+    )
+
+
 DEALS = ConsumerSpec(durable="queue-processor-deals", stream="DEALS", filter_subjects=[subjects.ALL_DEALS])
 
 #: Without news from its chain, a sender's transactions in flight are looked at every this many sweeps.
@@ -223,11 +235,11 @@ class Processor:
                 self.backends[chain.id] = backend
             elif chain.kind is ChainKind.UTXO:
                 self.utxo[chain.id] = await self._utxo_payouts(chain)
-        for spec, handler in (
-            (DEALS, self.on_deal),
-            (COMMANDS, self.on_command),
-            (CONFIRMATIONS, self.on_confirmation),
-        ):
+        consumers: list[tuple[ConsumerSpec, TouchingHandler]] = [(DEALS, self.on_deal)]
+        for chain_id in sorted(self.registry.chains):
+            consumers.append((commands_spec(chain_id), self.on_command))
+            consumers.append((confirmations_spec(chain_id), self.on_confirmation))
+        for spec, handler in consumers:
             await self.service.nats.provision_consumer(spec)
             self.service.consumers.append(WakingRunner(self.service.nats, self.pool, spec, handler, self))
         log.info("signing for chains", extra={"chains": sorted([*self.backends, *self.utxo])})
