@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from otc_common import metrics
-from otc_common.db import Connection, Pool
+from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
 from otc_common.messages import (
     AlertRaised,
     Envelope,
@@ -41,6 +41,8 @@ from otc_common.subjects import STREAMS, ConsumerSpec, StreamSpec, alert
 log = logging.getLogger("otc.bus")
 
 Handler = Callable[[Connection, Envelope, Message], Awaitable[None]]
+
+_RELAY_TRANSIENT: tuple[type[Exception], ...] = (*DATABASE_TRANSIENT, nats.errors.Error)
 
 
 class Bus:
@@ -181,15 +183,7 @@ class OutboxRelay:
                     await self.drain()
             except asyncio.CancelledError:
                 raise
-            except (
-                OSError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                # What asyncpg raises for a pooled connection the server cut mid-reply (a restart).
-                asyncpg.InternalClientError,
-                nats.errors.Error,
-                TimeoutError,
-            ) as exc:
+            except _RELAY_TRANSIENT as exc:
                 log.warning("outbox relay interrupted (%s: %s); resuming", type(exc).__name__, exc)
                 await asyncio.sleep(0.5)
             finally:

@@ -17,6 +17,16 @@ from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger("otc.db")
 
+#: How a PostgreSQL restart, failover or cut connection surfaces: a loop waits it out and retries (its
+#: transaction was rolled back). InternalClientError is asyncpg's for a pooled connection cut mid-reply.
+DATABASE_TRANSIENT: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 if TYPE_CHECKING:
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]

@@ -19,13 +19,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import asyncpg
-
 from otc_common import chainwatch, subjects, watchset
 from otc_common import metrics as common_metrics
 from otc_common.addresses import evm_checksum_address
 from otc_common.bus import Bus, emit
-from otc_common.db import Connection, Pool
+from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
 from otc_common.evm_rpc import RpcFailure
 from otc_common.messages import (
     ChainReorg,
@@ -184,13 +182,7 @@ class Watcher:
                 log.warning("chain rpc failed: %s; retrying in %ss", exc, delay, extra={"chain": self.id})
                 await asyncio.sleep(delay)
                 continue
-            except (
-                OSError,
-                TimeoutError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,  # a pooled connection the database cut mid-reply (a restart)
-            ) as exc:
+            except DATABASE_TRANSIENT as exc:
                 # A commit whose answer was lost may have happened: read everything again.
                 self._view = None
                 delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]

@@ -24,7 +24,7 @@ from otc_common import chainwatch, watchset
 from otc_common import metrics as common_metrics
 from otc_common.addresses import AddressError, electrum_scripthash, utxo_script_pubkey
 from otc_common.bus import Bus
-from otc_common.db import Connection, Pool
+from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
 from otc_common.electrum import ElectrumClient, ElectrumError, ElectrumTimeout, ElectrumUnavailable
 from otc_common.messages import ChainReorg, ChainTip, DepositObserved
 from otc_common.registry import Chain
@@ -166,13 +166,7 @@ class Watcher:
                     log.warning("electrum request failed: %s; retrying in %ss", exc, delay, extra={"chain": self.id})
                     await asyncio.sleep(delay)
                     continue
-                except (
-                    OSError,
-                    TimeoutError,
-                    asyncpg.PostgresError,
-                    asyncpg.InterfaceError,
-                    asyncpg.InternalClientError,  # a pooled connection the database cut mid-reply (a restart)
-                ) as exc:
+                except DATABASE_TRANSIENT as exc:
                     delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
                     failures += 1
                     log.warning(
@@ -204,13 +198,7 @@ class Watcher:
                     await conn.execute("SELECT 1")
             except asyncio.CancelledError:
                 raise
-            except (
-                OSError,
-                TimeoutError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-            ) as exc:
+            except DATABASE_TRANSIENT as exc:
                 log.warning("change listener interrupted (%s); resuming", type(exc).__name__, extra={"chain": self.id})
                 await asyncio.sleep(1.0)
             finally:

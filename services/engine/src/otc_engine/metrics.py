@@ -6,10 +6,9 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 
-from otc_common.db import Pool
+from otc_common.db import DATABASE_TRANSIENT, Pool
 from otc_common.messages import Stage
 from otc_common.runtime import Loop
 
@@ -57,6 +56,6 @@ async def refresh_stage_gauge(pool: Pool, loop: Loop, chains: Iterable[str] = ()
                 HALTED.labels(chain).set(1 if chain in halted else 0)
             _shown_halted.clear()
             _shown_halted.update(halted)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        except DATABASE_TRANSIENT as exc:
             log.warning("metrics refresh failed: %s", exc)
         await asyncio.sleep(REFRESH_SECONDS)

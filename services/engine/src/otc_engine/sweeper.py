@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import asyncpg
-
 from otc_common import subjects
 from otc_common.bus import emit
+from otc_common.db import DATABASE_TRANSIENT
 from otc_common.messages import EscrowUnwatch
 from otc_common.runtime import Loop
 from otc_engine import store
@@ -18,9 +17,8 @@ log = logging.getLogger("otc.engine.sweeper")
 
 SWEEP_INTERVAL_SECONDS = 0.25
 BATCH = 200
-#: How a database restart or failover surfaces (InternalClientError: a pooled connection cut mid-reply). A pass is
-#: one transaction, rolled back on failure, so the loop retries instead of taking the engine down with it.
-TRANSIENT = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+#: A pass is one transaction, rolled back on failure, so the loop retries instead of taking the engine down with it.
+TRANSIENT = DATABASE_TRANSIENT
 
 
 async def sweep_once(engine: Engine) -> int:

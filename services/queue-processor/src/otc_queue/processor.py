@@ -30,7 +30,7 @@ from otc_common import metrics as common_metrics
 from otc_common import subjects
 from otc_common.addresses import AddressError, evm_checksum_address, validate_utxo_address
 from otc_common.bus import Bus, ConsumerRunner, emit
-from otc_common.db import Connection, Pool
+from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
 from otc_common.electrum import ElectrumClient
 from otc_common.keys import EscrowKeyring
 from otc_common.messages import (
@@ -88,17 +88,8 @@ DEALS = ConsumerSpec(durable="queue-processor-deals", stream="DEALS", filter_sub
 
 #: Without news from its chain, a sender's transactions in flight are looked at every this many sweeps.
 IN_FLIGHT_RECHECK_SWEEPS = 5
-#: Failures a worker waits out: the sweep wakes it again. InternalClientError is what asyncpg raises for a
-#: pooled connection the database cut mid-reply (a restart).
-TRANSIENT = (
-    RpcUnavailable,
-    RpcError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-)
+#: Failures a worker waits out: the sweep wakes it again.
+TRANSIENT: tuple[type[Exception], ...] = (RpcUnavailable, RpcError, *DATABASE_TRANSIENT)
 
 #: Deals whose facts are kept in memory (they are immutable once complete).
 DEAL_CACHE_SIZE = 10_000

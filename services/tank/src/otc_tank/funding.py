@@ -20,7 +20,7 @@ import asyncpg
 from otc_common import subjects
 from otc_common.addresses import AddressError
 from otc_common.bus import Bus, emit
-from otc_common.db import Connection, Pool
+from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
 from otc_common.evm_rpc import RpcFailure
 from otc_common.messages import (
     AlertRaised,
@@ -44,14 +44,7 @@ log = logging.getLogger("otc.tank")
 #: Node answers to a re-sent transaction that mean it (or its nonce) is already known: not a failure.
 _ALREADY_KNOWN = ("already known", "known transaction", "nonce too low", "already imported", "alreadyknown")
 #: Expected trouble talking to the chain or the database; anything else is a bug and logged with its trace.
-_TRANSIENT = (
-    RpcFailure,
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # a pooled connection the database cut mid-reply (a restart)
-)
+_TRANSIENT: tuple[type[Exception], ...] = (RpcFailure, *DATABASE_TRANSIENT)
 _RPC_WARNING_INTERVAL = 30.0
 
 
@@ -528,7 +521,7 @@ class Tank:
                 while not listener.is_closed():
                     loop.beat()
                     await asyncio.sleep(1.0)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            except DATABASE_TRANSIENT as exc:
                 log.warning("request listener interrupted (%s); resuming", type(exc).__name__)
                 await asyncio.sleep(1.0)
             finally:
