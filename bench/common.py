@@ -241,10 +241,11 @@ class Infra:
         if self.devnet is not None:
             await self.devnet.close()
             self.devnet.stop()
-        try:
-            await drop_database(self.pg_url, self.database_url)
-        except Exception as exc:  # the run's figures are already out; a leftover database is harmless
-            log(f"could not drop the bench database: {exc}")
+        if not keep:  # a kept work folder keeps its database too, to be looked at afterwards
+            try:
+                await drop_database(self.pg_url, self.database_url)
+            except Exception as exc:  # the run's figures are already out; a leftover database is harmless
+                log(f"could not drop the bench database: {exc}")
         for server in reversed(self._servers):
             server.stop()
         if not keep:

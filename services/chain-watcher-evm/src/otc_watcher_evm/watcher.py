@@ -49,6 +49,8 @@ BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 #: How long a start waits for the watch set to catch up with the deal events it missed.
 WATCH_SET_CATCH_UP_SECONDS = 10.0
 ASIDE_RETRY_SECONDS = 2.0
+#: Before balances that found something are read again (see `Watcher._read_again`).
+READ_AGAIN_PAUSE_SECONDS = 0.05
 
 
 @dataclass
@@ -238,6 +240,17 @@ class Watcher:
             self._aside_after[what] = time.monotonic() + ASIDE_RETRY_SECONDS
             log.warning("%s deferred: %s", what, exc, extra={"chain": self.id})
 
+    async def _read_again(self, block: Block, first: Mapping[str, int], addresses: list[str]) -> None:
+        """Findings count only if a second read of the same block, a moment later, agrees with the first.
+
+        A node that is in the middle of adding its next block may answer for an older block with the
+        new block's state (anvil does, for the block that is its head until then): such a read would
+        credit the next block's deposits to this one, or count them twice."""
+        await asyncio.sleep(READ_AGAIN_PAUSE_SECONDS)
+        again = await self.rpc.balances(sorted(addresses), block.hash)
+        if any(again[address] != first[address] for address in addresses):
+            raise RpcFailure(f"balances of block {block.number} changed between two reads; reading again")
+
     async def _measure(self, addresses: list[str], block: Block) -> dict[str, int] | None:
         """Balances at the end of `block`; None when the node no longer serves that old state."""
         words = await self._measure_words(addresses, block)
@@ -354,6 +367,10 @@ class Watcher:
         outflows = {a: spent for a, spent in rules.known_outflows(block, receipts).items() if a in watched}
         measured = None if words is None else rules.balances_to_judge(view.known, words, view.settled, direct, outflows)
         verdict = rules.judge_balances(previous, measured, direct, outflows)
+        if measured is not None and (verdict.credits or verdict.shortfalls):
+            await self._read_again(block, measured, [*verdict.credits, *verdict.shortfalls])
+        # What the judgement saw, for the log of an alert (the view's baselines move on at commit).
+        short_of = {a: (previous[a], None if measured is None else measured.get(a)) for a in verdict.shortfalls}
         internal = [
             Found(
                 address=address,
@@ -409,6 +426,21 @@ class Watcher:
         for waited in matured:
             common_metrics.DEPOSIT_CONFIRMATION.labels(self.id).observe(waited)
         for address, missing in verdict.shortfalls.items():
+            baseline, balance = short_of[address]
+            log.error(
+                "balance below what its deposits explain",
+                extra={
+                    "chain": self.id,
+                    "address": watched[address],
+                    "height": block.number,
+                    "baseline": baseline.balance,
+                    "direct_since": baseline.direct_since,
+                    "spent_since": baseline.spent_since,
+                    "measured": balance,
+                    "arrived": direct.get(address, 0),
+                    "head_version": view.head.version if view.head else None,
+                },
+            )
             await self.bus.raise_alert(
                 "balance_below_deposits",
                 f"{watched[address]} on {self.id} holds {missing} wei less than its deposits in block "
@@ -638,7 +670,7 @@ class Watcher:
         moved = [a for a in addresses if at_head[a] != at_base[a] or canonical[a] in had_native]
         natives: list[tuple[Block, Found]] = []
         if moved and scan:
-            natives_or_none = await self._attribute(moved, at_base, scan)
+            natives_or_none = await self._attribute(moved, at_base, scan, (head.hash, at_head))
             if natives_or_none is None:
                 return
             natives = natives_or_none
@@ -647,6 +679,10 @@ class Watcher:
             for found_log in logs
             for found in rules.token_deposits([found_log], canonical, self.tokens)
         ]
+        # The head's state read while the node was adding the next block may be that block's (see `_read_again`).
+        await asyncio.sleep(READ_AGAIN_PAUSE_SECONDS)
+        if await self.rpc.balances(addresses, head.hash) != at_head:
+            return  # read again in the next step
 
         async with self.pool.acquire() as conn, conn.transaction():
             if not await store.claim_head(conn, head):
@@ -657,6 +693,10 @@ class Watcher:
             await store.drop_unwatched_balances(conn)
             await store.bump_version(conn)
         self._view = None  # the watch set changed: read it all again
+        log.info(
+            "new escrows re-checked",
+            extra={"chain": self.id, "height": head.number, "escrows": len(addresses), "moved": len(moved)},
+        )
         for address in addresses:
             if at_base[address] > 0:
                 await self.bus.raise_alert(
@@ -667,14 +707,24 @@ class Watcher:
                 )
 
     async def _attribute(
-        self, addresses: list[str], base: Mapping[str, int], scan: list[StoredBlock]
+        self,
+        addresses: list[str],
+        base: Mapping[str, int],
+        scan: list[StoredBlock],
+        head: tuple[str, Mapping[str, int]],
     ) -> list[tuple[Block, Found]] | None:
-        """Native deposits of `addresses` block by block over the window; None if the chain moved."""
+        """Native deposits of `addresses` block by block over the window; None if the chain moved.
+
+        `head`: the head block's hash and the balances already read at it (read again before use)."""
         per_block: dict[str, dict[str, int]] = {}
         blocks: list[Block] = []
         before: Mapping[str, int] = base
+        head_hash, at_head = head
         for row in scan:
-            after = await self.rpc.balances(addresses, row.hash)
+            if row.hash == head_hash:
+                after = {address: at_head[address] for address in addresses}
+            else:
+                after = await self.rpc.balances(addresses, row.hash)
             per_block[row.hash] = after
             if any(after[a] != before[a] for a in addresses):
                 block = await self.rpc.block(row.number, full=True)
