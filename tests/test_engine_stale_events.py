@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,51 @@ async def test_a_late_reorg_report_unmines_only_deposits_still_in_the_blocks_it_
         assert await store.unmine_blocks(conn, "POLYGON", ["old37", "old38"]) == ["d1"]
         rows = await conn.fetch("SELECT txid, block_number FROM deposits ORDER BY txid")
     assert [(r["txid"], r["block_number"]) for r in rows] == [("0xgone", None), ("0xseen-again", 37)]
+
+
+class Recording(Engine):
+    """The engine, noting which deals it re-evaluates instead of re-evaluating them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.advanced: list[str] = []
+
+    async def advance(self, conn: Any, deal_id: str, now: datetime, locked: Any = None) -> list[Any]:
+        self.advanced.append(deal_id)
+        return []
+
+
+async def test_a_reorg_that_moves_the_tip_on_re_evaluates_deposits_reaching_the_threshold(
+    engine_pool: Pool, registry_file: Path
+) -> None:
+    """Found by the chaos simulation: a late deposit stayed in its escrow for good."""
+    registry = load_registry(str(registry_file))
+    engine = Recording(engine_pool, registry)
+    handlers = Handlers(engine, registry)
+    await engine_pool.execute(
+        "INSERT INTO deals (deal_id, name, stage, timeout_seconds) VALUES ('d2', 'd2', 'CLOSED', 600)"
+    )
+    async with engine_pool.acquire() as conn:
+        await store.upsert_deposit(
+            conn,
+            chain="POLYGON",
+            txid="0xlate",
+            idx=0,
+            deal_id="d2",
+            party=Party.BOB,
+            address="0xescrow",
+            asset="MATIC",
+            amount=5,
+            block_number=60,
+            block_hash="h60",
+            block_time=datetime.now(UTC),
+        )
+    for height in (60, 61):
+        await deliver(engine_pool, handlers, ChainTip(chain="POLYGON", height=height, hash=f"h{height}", time=0))
+    assert engine.advanced == [], "2 of POLYGON's 3 confirmations: nothing to re-evaluate yet"
+    # Block 61 is replaced and the new branch is reported at 62: the deposit in 60 has 3 confirmations now, and
+    # the tip reports of the new 61 and 62 that follow are older than the recorded tip.
+    await deliver(engine_pool, handlers, reorg(60, ["h61"], 62, "x62"))
+    for height in (61, 62):
+        await deliver(engine_pool, handlers, ChainTip(chain="POLYGON", height=height, hash=f"x{height}", time=0))
+    assert engine.advanced == ["d2"]

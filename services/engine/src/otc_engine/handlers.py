@@ -114,6 +114,11 @@ class Handlers:
         await store.set_tip_after_reorg(
             conn, message.chain, message.new_tip_height, message.new_tip_hash, message.removed_hashes
         )
+        if chain is not None:
+            # The tip may have moved past heights whose own tip reports will now be ignored as old: deposits
+            # the reorg left in place that reach the threshold there are re-evaluated here.
+            crossed = range(message.ancestor_height + 1, message.new_tip_height + 1)
+            affected += await store.deals_maturing_at(conn, message.chain, crossed, chain.confirmations)
         if chain is not None and message.depth >= chain.confirmations:
             # Safeguard 8: confirmed history changed; stop paying on this chain rather than guess.
             reason = f"reorg of depth {message.depth} at height {message.ancestor_height} >= {chain.confirmations}"
