@@ -14,6 +14,7 @@ as they should (the main thread, or the event loop's thread).
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import ctypes
 import importlib.util
@@ -68,12 +69,19 @@ class BinaryNotFoundError(ServerError):
     """A server binary is not installed; the message says how to install it."""
 
 
+#: Ports handed out lately: the kernel may offer a port again before whoever got it has bound it.
+_recently_given: collections.deque[int] = collections.deque(maxlen=2000)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that was free a moment ago, and not handed out lately by this process."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _recently_given:
+            _recently_given.append(port)
+            return port
 
 
 def _port_is_free(port: int) -> bool:
