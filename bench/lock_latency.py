@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.common import (
     ACTIVE_SHAPES,
     BenchDeal,
@@ -64,7 +62,7 @@ from bench.common import (
     write_result,
 )
 from otc_common.messages import ChainTip, PayoutCommand
-from tests.e2e import EvmStack
+from tests.e2e import Chain, EvmStack
 
 MEASURED = (("ETH", "ETH", "0.05"), ("POLYGON", "MATIC", "20"))
 #: Unmeasured deals before each level's samples: the first deals after a start or after thousands of new
@@ -76,20 +74,8 @@ ACTIVE_FUNDERS = (5, 6, 7, 8, 9)
 POLL_SECONDS = 0.01
 
 
-class NodePoller:
+class NodePoller(Chain):
     """Asks one anvil for an address's pending nonce: above zero once the escrow has sent anything."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.client = httpx.AsyncClient(timeout=10, trust_env=False)
-
-    async def call(self, method: str, *params: Any) -> Any:
-        reply = (
-            await self.client.post(self.url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)})
-        ).json()
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply["result"]
 
     async def sent_anything(self, address: str) -> bool:
         return int(await self.call("eth_getTransactionCount", address, "pending"), 16) > 0

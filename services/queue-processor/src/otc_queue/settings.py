@@ -17,7 +17,11 @@ class QueueSettings(BaseSettings, frozen=True, kw_only=True):
     poll_seconds: Annotated[
         float,
         # At most 60: the sweep's heartbeat is what the liveness probe watches.
-        msgspec.Meta(gt=0, le=60, description="how often waiting and in-flight transfers are looked at again"),
+        msgspec.Meta(
+            gt=0,
+            le=60,
+            description="how often waiting transfers are tried again (in flight: every 5th without news)",
+        ),
     ] = 2.0
     rpc_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     stuck_alert_seconds: Annotated[
