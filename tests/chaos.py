@@ -77,6 +77,8 @@ FUNDERS = (1, 3, 4, 5, 6, 7, 8)
 REORG_FUNDER = 9
 SERVICES = ("engine", "gateway", "queue", "tank", "watcher-ETH", "watcher-POLYGON", "watcher-UNICITY")
 WATCHERS = ("watcher-ETH", "watcher-POLYGON", "watcher-UNICITY")
+#: Each watcher's schema, and whether it keeps EVM balance baselines: read for the post-mortem of a failed deal.
+WATCHER_SCHEMAS = (("watcher_evm_eth", True), ("watcher_evm_polygon", True), ("watcher_utxo_unicity", False))
 ERC20_TRANSFER = "0xa9059cbb"
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
@@ -1149,9 +1151,30 @@ class InvariantChecker:
                     deal_id,
                 ):
                     lines.append(f"queue {dict(r)}")
+                for schema, evm in WATCHER_SCHEMAS:
+                    lines += await self._watcher_records(conn, schema, evm, deal_id)
         finally:
             await conn.close()
         return lines
+
+    @staticmethod
+    async def _watcher_records(conn: asyncpg.Connection, schema: str, evm: bool, deal_id: str) -> list[str]:
+        """A watcher's view of a deal's escrows: when each was watched, its baseline and what was published."""
+        baseline = (", b.balance, b.version", f"LEFT JOIN {schema}.balances b USING (address)") if evm else ("", "")
+        try:
+            watched = await conn.fetch(
+                f"""SELECT w.address, w.party, w.asset, w.added_at{baseline[0]} FROM {schema}.watch_set w
+                    {baseline[1]} WHERE w.deal_id = $1""",
+                deal_id,
+            )
+            published = await conn.fetch(
+                f"""SELECT p.* FROM {schema}.published p JOIN {schema}.watch_set w USING (address)
+                    WHERE w.deal_id = $1 ORDER BY p.block_number""",
+                deal_id,
+            )
+        except asyncpg.PostgresError as exc:
+            return [f"{schema}: {exc}"]
+        return [f"{schema} watched {dict(r)}" for r in watched] + [f"{schema} published {dict(r)}" for r in published]
 
     async def engine_transfers(self) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.database_url)

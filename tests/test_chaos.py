@@ -9,6 +9,7 @@ still differ from run to run).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 from tests.chaos import ChaosRun, chaos_seed, chaos_size
 
 SIZE = chaos_size()
+#: Where a failed run's details and service logs are kept, outside the temporary directories pytest prunes.
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 @pytest.fixture
@@ -37,6 +40,13 @@ async def test_chaos_every_deal_ends_right_and_every_escrow_balances(chaos: Chao
     report = result.report
     details.write_text("\n".join([result.summary(), result.details(), *report.violations, *report.records]))
     print(f"\n{result.summary()}\n  details: {details}")
+    if report.violations and chaos.stack is not None:
+        kept = ARTIFACTS / f"chaos-{result.seed}"
+        kept.mkdir(parents=True, exist_ok=True)
+        for path in [details, *(proc.log_path for proc in chaos.stack.procs.values())]:
+            if path.exists():
+                shutil.copy(path, kept)
+        print(f"  kept: {kept}")
     assert len(result.deals) == SIZE.deals, result.report.violations
     assert not result.report.violations, "\n".join(result.report.violations[:40])
     # The faults did happen: a test that injected none would prove nothing.
