@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,12 +38,15 @@ from otc_common.messages import (
     TxConfirmation,
     UnregisteredTokenDeposit,
     decode_envelope,
+    encode_envelope,
 )
 from tests.conftest import EvmChains
 from tests.support import ServiceProcess, free_port, write_test_registry
 
 M = TypeVar("M", bound=Message)
 SCHEMA = "watcher_evm_eth"
+#: The reorg window of the test registry's chains (the registry's default).
+WINDOW = 64
 ETH = 10**18
 #: ETH's threshold in the test registry is 2: a followed tx is reported up to 2 confirmations, followed up to 4.
 STOP_AT = 4
@@ -158,18 +162,19 @@ class Harness:
         env = {**self.env, "OTC_POLL_INTERVAL_MS": "50", **extra}
         return ServiceProcess("watcher-evm-eth", ["-m", "otc_watcher_evm", "--chain", "ETH"], env, self.work_dir)
 
-    async def assign(self, address: str, asset: str = "ETH") -> None:
+    async def assign(self, address: str, asset: str = "ETH", assigned_at: datetime | None = None) -> None:
+        """As the engine does; `assigned_at`: when the engine did, for an event that reaches the watcher late."""
         number = next(self.deals)
-        await self.bus.publish(
-            subjects.deal(f"deal-{number}"),
-            EscrowAssigned(
-                deal_id=f"deal-{number}",
-                party=Party.ALICE,
-                chain="ETH",
-                asset=asset,
-                address=address,
-                escrow_index=number,
-            ),
+        assigned = EscrowAssigned(
+            deal_id=f"deal-{number}",
+            party=Party.ALICE,
+            chain="ETH",
+            asset=asset,
+            address=address,
+            escrow_index=number,
+        )
+        await self.bus.js.publish(
+            subjects.deal(f"deal-{number}"), encode_envelope(assigned, occurred_at=assigned_at or datetime.now(UTC))
         )
 
     async def follow(self, *txids: str, transfer_id: str = "transfer-1") -> None:
@@ -339,6 +344,45 @@ async def test_internal_transfers_and_escrows_watched_late(harness: Harness, wat
         (int(token_receipt["logs"][0]["logIndex"], 16), "USDT", 42 * 10**6, int(token_receipt["blockNumber"], 16)),
     ]
     assert [d for d in feed.of(DepositObserved) if d.address == escrow] == [internal], "the payout is no deposit"
+
+
+async def test_escrows_learned_of_after_the_window_moved_past_their_deposits(
+    harness: Harness, watcher: ServiceProcess
+) -> None:
+    """The watch set can learn of an escrow late: its watcher was down, or a deal event waited out a dead
+    consumer's ack timeout. Deposits made since the assignment count even when the window no longer
+    holds their blocks (the chaos run once left a deal's tokens in its escrow this way)."""
+    anvil, feed = harness.anvil, harness.feed
+    late = new_address()
+    assigned_at = datetime.now(UTC)
+    native_tx = await anvil.send(contracts.anvil_address(2), late, 3 * ETH)
+    token_tx = contracts.transfer(anvil.url, harness.usdt, late, 42 * 10**6, contracts.ANVIL_PRIVATE_KEYS[3])
+    native_block = int((await anvil.receipt(native_tx))["blockNumber"], 16)
+    token_receipt = await anvil.receipt(token_tx)
+    await anvil.mine(WINDOW + 5)
+    await feed.wait_tip(await anvil.height())
+    first_kept = await harness.db.fetchval(f"SELECT min(number) FROM {SCHEMA}.blocks")
+    assert first_kept > max(native_block, int(token_receipt["blockNumber"], 16)), "both left the window"
+
+    await harness.assign(late, "USDT", assigned_at=assigned_at)
+    await feed.wait(lambda: len([d for d in feed.of(DepositObserved) if d.address == late]) >= 2, "both deposits")
+    await anvil.mine(2)
+    await feed.wait_tip(await anvil.height())
+    found = sorted(
+        (d.txid, d.index, d.asset, d.amount, d.block_number) for d in feed.of(DepositObserved) if d.address == late
+    )
+    assert found == sorted(
+        [
+            (native_tx, -1, "ETH", 3 * ETH, native_block),
+            (
+                token_tx,
+                int(token_receipt["logs"][0]["logIndex"], 16),
+                "USDT",
+                42 * 10**6,
+                int(token_receipt["blockNumber"], 16),
+            ),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- followed transactions

@@ -29,7 +29,7 @@ async def serve(chain_id: str) -> None:
         settings,
         schema=watchset.schema_name(KIND, chain_id),
         # The watch set's table first: the watcher's own migrations put triggers on it.
-        extra_migrations=[watchset.MIGRATION, *package_migrations("otc_watcher_evm")],
+        extra_migrations=[*watchset.MIGRATIONS, *package_migrations("otc_watcher_evm")],
     )
     service.consume(watchset.consumer_spec(KIND, chain_id), watchset.WatchSetHandler(chain_id))
     service.consume(follow.consumer_spec(chain_id), follow.FollowHandler(chain_id))

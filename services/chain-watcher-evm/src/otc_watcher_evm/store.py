@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -168,14 +169,22 @@ async def baselines_written_since(conn: Connection, version: int) -> dict[str, B
     return _baselines(await conn.fetch(_BASELINES + " WHERE b.version >= $1", version))
 
 
-async def unchecked_escrows(conn: Connection, limit: int) -> list[str]:
+@dataclass(frozen=True)
+class Unchecked:
+    """A watched escrow not re-checked yet, and when the engine assigned it (None if not recorded)."""
+
+    address: str
+    assigned_at: datetime | None
+
+
+async def unchecked_escrows(conn: Connection, limit: int) -> list[Unchecked]:
     rows = await conn.fetch(
-        """SELECT w.address FROM watch_set w
+        """SELECT w.address, w.assigned_at FROM watch_set w
            WHERE NOT EXISTS (SELECT 1 FROM balances b WHERE b.address = w.address)
            ORDER BY w.added_at, w.address LIMIT $1""",
         limit,
     )
-    return [row["address"] for row in rows]
+    return [Unchecked(row["address"], row["assigned_at"]) for row in rows]
 
 
 async def drop_unwatched_balances(conn: Connection) -> None:

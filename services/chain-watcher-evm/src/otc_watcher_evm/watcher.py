@@ -51,6 +51,11 @@ WATCH_SET_CATCH_UP_SECONDS = 10.0
 ASIDE_RETRY_SECONDS = 2.0
 #: Before balances that found something are read again (see `Watcher._read_again`).
 READ_AGAIN_PAUSE_SECONDS = 0.05
+#: How far a chain's block times and the engine's clock may disagree: an escrow assigned at T is looked
+#: at from the first block stamped T minus this (see `Watcher._before_window`).
+ASSIGNMENT_CLOCK_SKEW_SECONDS = 120.0
+#: Blocks per log query when looking back before the window (nodes cap the range of one query).
+LOG_RANGE_BLOCKS = 2000
 
 
 @dataclass
@@ -634,11 +639,14 @@ class Watcher:
     # ----------------------------------------------------------------- newly watched escrows
 
     async def _recheck_new_escrows(self) -> None:
-        """Looks for what reached newly watched escrows within the window, before they were watched.
+        """Looks for what reached newly watched escrows before they were watched.
 
-        Deposits the block scan already published are recorded, so they are not published again,
-        and a native rise is split into direct deposits and an internal credit only for the part
-        they do not explain.
+        Within the window the block scan may have passed them by; before it, when the watch set learned
+        of an escrow only after the window had moved past its assignment (a watcher that was down or
+        behind on deal events), deposits are looked for back to the assignment (`_before_window`).
+        Deposits the block scan already published are recorded, so they are not published again, and
+        a native rise is split into direct deposits and an internal credit only for the part they do
+        not explain.
         """
         async with self._snapshot() as conn:
             head = await store.head(conn)
@@ -650,7 +658,7 @@ class Watcher:
                 if await store.claim_head(conn, head):
                     await store.drop_unwatched_balances(conn)
             return
-        canonical = {address.lower(): address for address in fresh}
+        canonical = {escrow.address.lower(): escrow.address for escrow in fresh}
         addresses = sorted(canonical)
         by_number = {row.number: row for row in stored}
         scan = [row for row in stored if row.number <= head.number]
@@ -665,8 +673,11 @@ class Watcher:
             row = by_number.get(entry.block_number)
             if row is None or row.hash != entry.block_hash:
                 return  # another branch; the block step handles the reorg first
+        earlier = await self._before_window(fresh, at_base, scan[0] if scan else None)
+        if earlier is None:
+            return
         async with self.pool.acquire() as conn:
-            had_native = await store.addresses_with_published(conn, fresh, self.native)
+            had_native = await store.addresses_with_published(conn, [e.address for e in fresh], self.native)
         moved = [a for a in addresses if at_head[a] != at_base[a] or canonical[a] in had_native]
         natives: list[tuple[Block, Found]] = []
         if moved and scan:
@@ -687,7 +698,7 @@ class Watcher:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await store.claim_head(conn, head):
                 return
-            for block, found in [*natives, *tokens]:
+            for block, found in [*earlier, *natives, *tokens]:
                 await self._publish(conn, block, found, canonical[found.address])
             await store.set_baselines(conn, {canonical[a]: Baseline(v) for a, v in at_head.items()})
             await store.drop_unwatched_balances(conn)
@@ -695,16 +706,86 @@ class Watcher:
         self._view = None  # the watch set changed: read it all again
         log.info(
             "new escrows re-checked",
-            extra={"chain": self.id, "height": head.number, "escrows": len(addresses), "moved": len(moved)},
+            extra={
+                "chain": self.id,
+                "height": head.number,
+                "escrows": len(addresses),
+                "moved": len(moved),
+                "found_before_window": len(earlier),
+            },
         )
+        explained = rules.sum_by_address(found for _, found in earlier if found.asset == self.native)
         for address in addresses:
-            if at_base[address] > 0:
+            unexplained = at_base[address] - explained.get(address, 0)
+            if unexplained > 0:
                 await self.bus.raise_alert(
                     "escrow_funded_before_window",
-                    f"{canonical[address]} on {self.id} already held {at_base[address]} wei before the last "
-                    f"{len(scan)} blocks when it was first watched; that amount is not attributed",
+                    f"{canonical[address]} on {self.id} held {unexplained} wei before the last {len(scan)} blocks "
+                    "that no transaction to it since its assignment explains; that amount is not attributed",
                     chain=self.id,
                 )
+
+    async def _before_window(
+        self, fresh: list[store.Unchecked], at_base: Mapping[str, int], first: StoredBlock | None
+    ) -> list[tuple[Block, Found]] | None:
+        """Deposits into `fresh` escrows from their assignment up to the window's `first` block.
+
+        Token transfers come from the logs; coin sent straight to an escrow from the blocks, read only for
+        escrows that held coin when the window began (`at_base`). Blocks this old are deeper than any
+        reorg followed, so they are taken as the node has them. None if the node changed its mind meanwhile.
+        """
+        assigned = [escrow.assigned_at.timestamp() for escrow in fresh if escrow.assigned_at is not None]
+        if first is None or not assigned or first.time < min(assigned) - ASSIGNMENT_CLOCK_SKEW_SECONDS:
+            return []
+        since = await self._first_block_at(min(assigned) - ASSIGNMENT_CLOCK_SKEW_SECONDS, first.number)
+        if since >= first.number:
+            return []
+        canonical = {escrow.address.lower(): escrow.address for escrow in fresh}
+        blocks: dict[int, Block] = {}
+
+        async def block_at(number: int, full: bool) -> Block:
+            known = blocks.get(number)
+            if known is not None and (known.txs or not full):
+                return known
+            block = await self.rpc.block(number, full=full)
+            if block is None:
+                raise RpcFailure(f"block {number} is missing")
+            blocks[number] = block
+            return block
+
+        found: list[tuple[Block, Found]] = []
+        for start in range(since, first.number, LOG_RANGE_BLOCKS):
+            end = min(start + LOG_RANGE_BLOCKS, first.number) - 1
+            for entry in await self.rpc.transfers_to(start, end, sorted(canonical)):
+                block = await block_at(entry.block_number, full=False)
+                if block.hash != entry.block_hash:
+                    return None
+                found += [(block, item) for item in rules.token_deposits([entry], canonical, self.tokens)]
+        holding = {address for address in canonical if at_base[address] > 0}
+        if holding:
+            for number in range(since, first.number):
+                block = await block_at(number, full=True)
+                found += [(block, item) for item in rules.native_deposits(block, holding, self.native)]
+        if found:
+            log.warning(
+                "deposits found from before the window: the watch set learned of these escrows late",
+                extra={"chain": self.id, "deposits": len(found), "from_height": since, "window_from": first.number},
+            )
+        return found
+
+    async def _first_block_at(self, since: float, below: int) -> int:
+        """The lowest block number under `below` whose time is at or after `since`; `below` if none is."""
+        low, high = 0, below
+        while low < high:
+            middle = (low + high) // 2
+            block = await self.rpc.block(middle, full=False)
+            if block is None:
+                raise RpcFailure(f"block {middle} is missing")
+            if block.time >= since:
+                high = middle
+            else:
+                low = middle + 1
+        return low
 
     async def _attribute(
         self,

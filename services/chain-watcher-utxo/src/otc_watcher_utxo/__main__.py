@@ -49,7 +49,7 @@ async def serve(chain_id: str) -> None:
         settings,
         schema=schema,
         migrations_package="otc_watcher_utxo",
-        extra_migrations=[watchset.MIGRATION],
+        extra_migrations=watchset.MIGRATIONS,
     )
     service.consume(watchset.consumer_spec(KIND, chain_id), WatchSetHandler(chain_id))
     service.consume(
