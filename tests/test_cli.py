@@ -401,7 +401,7 @@ async def chain_events_handled(env: dict[str, str], chain: str) -> bool:
         await conn.close()
     nc = await nats.connect(env["OTC_NATS_URL"])
     try:
-        info = await nc.jetstream().consumer_info("CHAIN", "engine-chain")
+        info = await nc.jetstream().consumer_info("CHAIN", f"engine-chain-{chain}")
         return not info.num_pending and not info.num_ack_pending
     finally:
         await nc.close()

@@ -36,7 +36,7 @@ async def engine_pool(database_url: str) -> AsyncIterator[Pool]:
 async def deliver(pool: Pool, handlers: Handlers, message: ChainTip | ChainReorg) -> None:
     envelope, payload = decode_envelope(encode_envelope(message))
     async with pool.acquire() as conn, conn.transaction():
-        await handlers.chain(conn, envelope, payload)
+        await handlers.advance_all(conn, await handlers.chain(conn, envelope, payload))
 
 
 async def tip(pool: Pool) -> tuple[int, str]:

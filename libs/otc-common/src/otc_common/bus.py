@@ -322,7 +322,7 @@ class ConsumerRunner:
                     item_started = time.perf_counter()
                     fresh = await conn.fetchval(
                         "INSERT INTO inbox(consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
-                        consumer,
+                        self.spec.inbox_name,
                         item.envelope.event_id,
                     )
                     if fresh:
@@ -330,6 +330,7 @@ class ConsumerRunner:
                     handled.append((item, time.perf_counter() - item_started))
                     if len(handled) >= limit or time.perf_counter() - started >= self.MAX_RUN_SECONDS:
                         break
+                await self.before_commit(conn)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -373,6 +374,9 @@ class ConsumerRunner:
 
     def before_transaction(self) -> None:
         """Called before each handling transaction begins."""
+
+    async def before_commit(self, conn: Connection) -> None:
+        """Called inside each handling transaction once its run of events is handled; a failure fails the run."""
 
     def after_transaction(self) -> None:
         """Called when each handling transaction has ended, committed or not."""

@@ -67,3 +67,10 @@ class ConsumerSpec(msgspec.Struct, frozen=True):
     filter_subjects: list[str]
     ack_wait_seconds: int = 30
     max_ack_pending: int = 1000
+    #: The name its handled events are recorded under in the inbox (the durable's by default). Consumers
+    #: that split one consumer's subjects between them keep its name, so nothing it handled is handled again.
+    inbox: str | None = None
+
+    @property
+    def inbox_name(self) -> str:
+        return self.inbox or self.durable

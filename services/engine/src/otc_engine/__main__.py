@@ -8,10 +8,11 @@ from datetime import timedelta
 from otc_common import subjects
 from otc_common.runtime import Loop, Service
 from otc_common.settings import settings_or_exit
+from otc_common.subjects import ConsumerSpec
 from otc_engine import notify
 from otc_engine.admin import serve_admin
 from otc_engine.api import EngineApi
-from otc_engine.handlers import CHAIN_EVENTS, QUEUE_RESULTS, TANK_RESULTS, Handlers
+from otc_engine.handlers import TANK_RESULTS, DealConsumer, DealHandler, Handlers, chain_events, queue_results
 from otc_engine.metrics import refresh_stage_gauge
 from otc_engine.service import Engine
 from otc_engine.settings import EngineSettings
@@ -46,12 +47,12 @@ async def serve() -> None:
         assert service.registry is not None
         engine.append(Engine(service.db, service.registry, timedelta(seconds=settings.post_close_watch_seconds)))
         handlers = Handlers(engine[0], service.registry)
-        for spec, handler in (
-            (CHAIN_EVENTS, handlers.chain),
-            (QUEUE_RESULTS, handlers.queue),
-            (TANK_RESULTS, handlers.tank),
-        ):
-            await service.add_consumer(spec, handler)
+        consumers: list[tuple[ConsumerSpec, DealHandler]] = [(TANK_RESULTS, handlers.tank)]
+        for chain in sorted(service.registry.chains):
+            consumers += [(chain_events(chain), handlers.chain), (queue_results(chain), handlers.queue)]
+        for spec, handler in consumers:
+            await service.nats.provision_consumer(spec)
+            service.consumers.append(DealConsumer(service.nats, service.db, spec, handler, handlers))
         api = EngineApi(engine[0])
         await notifications.setup(api)
         await service.nats.nc.subscribe(subjects.ENGINE_RPC, queue=subjects.ENGINE_RPC_QUEUE_GROUP, cb=api.on_request)

@@ -1,17 +1,21 @@
 """What the engine does with chain events, queue results and tank results.
 
-Each handler runs inside the consumer's inbox transaction: it locks the deals it touches
-(in id order, so replicas never deadlock), records the fact, and re-evaluates them.
+Each handler runs inside the consumer's inbox transaction: it records the fact and returns the deals
+whose decisions it may change. The consumer (`DealConsumer`) re-evaluates those once each, after the
+whole run of events is handled and before it commits, locking them in id order, so consumers and
+replicas running side by side never deadlock on deals, and a deal a run touches many times (a payout's
+confirmation and its commission's) is looked at once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 
 from otc_common import subjects
-from otc_common.bus import emit
-from otc_common.db import Connection
+from otc_common.bus import Bus, ConsumerRunner, emit
+from otc_common.db import Connection, Pool
 from otc_common.messages import (
     AlertRaised,
     ChainReorg,
@@ -34,14 +38,51 @@ from otc_engine.service import Engine, now_utc
 
 log = logging.getLogger("otc.engine.handlers")
 
-#: Not the confirmations of the queue's own transactions: those reach the engine as queue results.
-CHAIN_EVENTS = ConsumerSpec(
-    durable="engine-chain",
-    stream="CHAIN",
-    filter_subjects=[subjects.chain_event("*", kind) for kind in ("deposit", "tip", "reorg")],
-)
-QUEUE_RESULTS = ConsumerSpec(durable="engine-queue", stream="QUEUE", filter_subjects=["otc.queue.result.>"])
+
+def chain_events(chain: str) -> ConsumerSpec:
+    """Deposits, tips and reorgs of one chain; not the confirmations of the queue's own transactions,
+    which reach the engine as queue results. One consumer per chain: a busy chain does not hold up the
+    others (they shared one consumer before, whose inbox name they keep)."""
+    return ConsumerSpec(
+        durable=f"engine-chain-{chain}",
+        stream="CHAIN",
+        filter_subjects=[subjects.chain_event(chain, kind) for kind in ("deposit", "tip", "reorg")],
+        inbox="engine-chain",
+    )
+
+
+def queue_results(chain: str) -> ConsumerSpec:
+    return ConsumerSpec(
+        durable=f"engine-queue-{chain}",
+        stream="QUEUE",
+        filter_subjects=[subjects.queue_result(chain)],
+        inbox="engine-queue",
+    )
+
+
 TANK_RESULTS = ConsumerSpec(durable="engine-tank", stream="TANK", filter_subjects=["otc.tank.result.>"])
+
+#: A handler records an event and returns the deals to re-evaluate.
+DealHandler = Callable[[Connection, Envelope, Message], Awaitable[list[str]]]
+
+
+class DealConsumer(ConsumerRunner):
+    """Re-evaluates the deals its handler returns once each, in id order, before each run commits."""
+
+    def __init__(self, bus: Bus, pool: Pool, spec: ConsumerSpec, handler: DealHandler, handlers: Handlers) -> None:
+        self._touched: set[str] = set()
+
+        async def record(conn: Connection, envelope: Envelope, message: Message) -> None:
+            self._touched.update(await handler(conn, envelope, message))
+
+        super().__init__(bus, pool, spec, record)
+        self._handlers = handlers
+
+    def before_transaction(self) -> None:
+        self._touched.clear()
+
+    async def before_commit(self, conn: Connection) -> None:
+        await self._handlers.advance_all(conn, self._touched)
 
 
 class Handlers:
@@ -49,29 +90,31 @@ class Handlers:
         self.engine = engine
         self.registry = registry
 
-    async def _advance_all(self, conn: Connection, deal_ids: list[str], now: datetime) -> None:
+    async def advance_all(self, conn: Connection, deal_ids: Iterable[str]) -> None:
+        """Locks the deals in id order (so concurrent transactions never deadlock) and re-evaluates each."""
+        now = now_utc()
         for deal_id in sorted(set(deal_ids)):
             locked = await store.lock_deal(conn, deal_id)
             if locked is not None:
                 await self.engine.advance(conn, deal_id, now, locked)
 
-    async def chain(self, conn: Connection, envelope: Envelope, message: Message) -> None:
-        now = now_utc()
+    async def chain(self, conn: Connection, envelope: Envelope, message: Message) -> list[str]:
         if isinstance(message, DepositObserved):
-            await self._deposit(conn, message, now)
-        elif isinstance(message, ChainTip):
+            return await self._deposit(conn, message)
+        if isinstance(message, ChainTip):
             crossed = await store.advance_tip(conn, message.chain, message.height, message.hash)
             chain = self.registry.chains.get(message.chain)
-            if chain is not None:
-                deals = await store.deals_maturing_at(conn, message.chain, crossed, chain.confirmations)
-                await self._advance_all(conn, deals, now)
-        elif isinstance(message, ChainReorg):
-            await self._reorg(conn, message, now)
+            if chain is None:
+                return []
+            return await store.deals_maturing_at(conn, message.chain, crossed, chain.confirmations)
+        if isinstance(message, ChainReorg):
+            return await self._reorg(conn, message)
+        return []
 
-    async def _deposit(self, conn: Connection, message: DepositObserved, now: datetime) -> None:
+    async def _deposit(self, conn: Connection, message: DepositObserved) -> list[str]:
         side = await store.side_by_escrow(conn, message.chain, message.address)
         if side is None:
-            return
+            return []
         if side["asset"] != message.asset:
             log.warning(
                 "deposit of %s into an escrow for %s is not counted",
@@ -79,7 +122,6 @@ class Handlers:
                 side["asset"],
                 extra={"deal_id": side["deal_id"], "chain": message.chain, "txid": message.txid},
             )
-        locked = await store.lock_deal(conn, side["deal_id"])
         fresh = await store.upsert_deposit(
             conn,
             chain=message.chain,
@@ -94,19 +136,15 @@ class Handlers:
             block_hash=message.block_hash,
             block_time=datetime.fromtimestamp(message.block_time, UTC),
         )
-        if fresh:
-            log.info(
-                "deposit seen",
-                extra={
-                    "deal_id": side["deal_id"],
-                    "chain": message.chain,
-                    "txid": message.txid,
-                    "amount": message.amount,
-                },
-            )
-            await self.engine.advance(conn, side["deal_id"], now, locked)
+        if not fresh:
+            return []
+        log.info(
+            "deposit seen",
+            extra={"deal_id": side["deal_id"], "chain": message.chain, "txid": message.txid, "amount": message.amount},
+        )
+        return [side["deal_id"]]
 
-    async def _reorg(self, conn: Connection, message: ChainReorg, now: datetime) -> None:
+    async def _reorg(self, conn: Connection, message: ChainReorg) -> list[str]:
         chain = self.registry.chains.get(message.chain)
         REORGS.labels(message.chain).inc()
         REORG_DEPTH.labels(message.chain).observe(message.depth)
@@ -129,9 +167,9 @@ class Handlers:
                 AlertRaised(source="engine", kind="deep_reorg_halt", detail=reason, chain=message.chain),
             )
             log.error("payouts halted", extra={"chain": message.chain, "reason": reason})
-        await self._advance_all(conn, affected, now)
+        return affected
 
-    async def queue(self, conn: Connection, envelope: Envelope, message: Message) -> None:
+    async def queue(self, conn: Connection, envelope: Envelope, message: Message) -> list[str]:
         deal_id: str | None = None
         if isinstance(message, TransferSubmitted | TransferProgress):
             confirmations = message.confirmations if isinstance(message, TransferProgress) else None
@@ -169,11 +207,11 @@ class Handlers:
                         deal_id=deal_id,
                     ),
                 )
-        if deal_id is not None:
-            await self._advance_all(conn, [deal_id], now_utc())
+        return [] if deal_id is None else [deal_id]
 
-    async def tank(self, conn: Connection, envelope: Envelope, message: Message) -> None:
+    async def tank(self, conn: Connection, envelope: Envelope, message: Message) -> list[str]:
         if isinstance(message, GasFunded):
             deal_id = await store.gas_funded(conn, message.request_id, message.amount, message.txid)
             if deal_id is not None:
-                await self._advance_all(conn, [deal_id], now_utc())
+                return [deal_id]
+        return []
