@@ -15,10 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from otc_common.bus import TransientError
 from otc_common.db import Pool, create_pool, migrate, package_migrations
-from otc_common.messages import ChainReorg, ChainTip, Party, decode_envelope, encode_envelope
+from otc_common.messages import ChainReorg, ChainTip, DepositObserved, Party, decode_envelope, encode_envelope
 from otc_common.registry import load_registry
 from otc_engine import store
 from otc_engine.handlers import Handlers
@@ -33,7 +35,7 @@ async def engine_pool(database_url: str) -> AsyncIterator[Pool]:
     await pool.close()
 
 
-async def deliver(pool: Pool, handlers: Handlers, message: ChainTip | ChainReorg) -> None:
+async def deliver(pool: Pool, handlers: Handlers, message: ChainTip | ChainReorg | DepositObserved) -> None:
     envelope, payload = decode_envelope(encode_envelope(message))
     async with pool.acquire() as conn, conn.transaction():
         await handlers.advance_all(conn, await handlers.chain(conn, envelope, payload))
@@ -145,3 +147,67 @@ async def test_a_reorg_that_moves_the_tip_on_re_evaluates_deposits_reaching_the_
     for height in (61, 62):
         await deliver(engine_pool, handlers, ChainTip(chain="POLYGON", height=height, hash=f"x{height}", time=0))
     assert engine.advanced == ["d2"]
+
+
+def deposit_in(block_hash: str, reorgs: int) -> DepositObserved:
+    return DepositObserved(
+        chain="POLYGON",
+        address="0xescrow",
+        asset="MATIC",
+        txid="0xdeposit",
+        index=0,
+        amount=5,
+        block_number=70,
+        block_hash=block_hash,
+        block_time=0,
+        reorgs=reorgs,
+    )
+
+
+async def mined_block(pool: Pool) -> int | None:
+    value = await pool.fetchval("SELECT block_number FROM deposits WHERE txid = '0xdeposit'")
+    return None if value is None else int(value)
+
+
+async def test_a_tip_waits_for_the_reorgs_its_watcher_followed_before_it(
+    engine_pool: Pool, registry_file: Path
+) -> None:
+    """Found by the chaos simulation: the engine was killed with a reorg report in hand; the report came back 30 s
+    later, after the new branch's tips, and meanwhile a deposit of a replaced block counted as confirmed: payouts
+    were signed a minute before the deposit that replaced it had its confirmations."""
+    registry = load_registry(str(registry_file))
+    engine = Recording(engine_pool, registry)
+    handlers = Handlers(engine, registry)
+    await engine_pool.execute(
+        """INSERT INTO deals (deal_id, name, stage, timeout_seconds) VALUES ('d3', 'd3', 'WAITING', 600);
+           INSERT INTO deal_sides (deal_id, party, chain, asset, amount, commission, fee_reserve, escrow_index,
+                                   escrow_address, token_hash)
+           VALUES ('d3', 'BOB', 'POLYGON', 'MATIC', 5, 0, 0, 1, '0xescrow', '\\x00')"""
+    )
+    await deliver(engine_pool, handlers, ChainTip(chain="POLYGON", height=70, hash="h70", time=0))
+    await deliver(engine_pool, handlers, deposit_in("h70", reorgs=0))
+    assert await mined_block(engine_pool) == 70
+    # Reorg 1 replaces block 70; its report is held back while the new branch's tips arrive.
+    for height in (71, 72, 73):
+        with pytest.raises(TransientError):
+            await deliver(
+                engine_pool, handlers, ChainTip(chain="POLYGON", height=height, hash=f"x{height}", time=0, reorgs=1)
+            )
+    assert await tip(engine_pool) == (70, "h70"), "a tip after a reorg not taken in yet must wait"
+    with pytest.raises(TransientError):
+        await deliver(engine_pool, handlers, reorg_numbered(2, 69, ["x70"], 70, "y70"))
+    await deliver(engine_pool, handlers, reorg_numbered(1, 69, ["h70"], 70, "x70"))
+    assert await mined_block(engine_pool) is None
+    await deliver(engine_pool, handlers, ChainTip(chain="POLYGON", height=73, hash="x73", time=0, reorgs=1))
+    assert await tip(engine_pool) == (73, "x73")
+
+    # The deposit's own report, redelivered late, names the replaced block: it is not mined for that.
+    await deliver(engine_pool, handlers, deposit_in("h70", reorgs=0))
+    assert await mined_block(engine_pool) is None
+    # Seen in that same block by a watcher that followed the reorg (the chain went back to it): mined.
+    await deliver(engine_pool, handlers, deposit_in("h70", reorgs=1))
+    assert await mined_block(engine_pool) == 70
+
+
+def reorg_numbered(sequence: int, ancestor: int, removed: list[str], new_tip: int, new_hash: str) -> ChainReorg:
+    return msgspec.structs.replace(reorg(ancestor, removed, new_tip, new_hash), sequence=sequence)

@@ -489,11 +489,16 @@ async def test_reorg_unpublishes_removed_deposits_and_republishes_survivors(
     assert reorg.ancestor_hash == (await anvil.block(dropped_block - 1))["hash"]
     assert reorg.removed_hashes == old_hashes
     assert reorg.new_tip_height == top + 1
+    # Numbered, and everything reported after it says it followed it (the engine orders them by it).
+    assert reorg.sequence == 1
+    assert {t.reorgs for t in feed.of(ChainTip) if t.height > reorg.ancestor_height} >= {1}
+    assert [t.reorgs for t in feed.of(ChainTip)][-1] == 1
 
     assert len(feed.deposits(dropped)) == 1, "a removed deposit is not published again"
     republished = feed.deposits(kept)
     new_receipt = await anvil.receipt(kept)
     assert [d.block_hash for d in republished] == [kept_receipt["blockHash"], new_receipt["blockHash"]]
+    assert [d.reorgs for d in republished] == [0, 1]
     assert republished[1].block_number == dropped_block
     assert republished[1].amount == 2 * ETH
 

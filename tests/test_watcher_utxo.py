@@ -379,6 +379,7 @@ async def test_reorg_unpublishes_removed_deposits_and_republishes_survivors(
     [reorg] = feed.of(ChainReorg)
     assert (reorg.depth, reorg.ancestor_height, reorg.removed_hashes) == (1, height - 1, [old_hash])
     assert (reorg.new_tip_height, reorg.new_tip_hash) == (height + 1, new_hashes[-1])
+    assert reorg.sequence == 1, "numbered, so that the engine takes tips only after the reorgs before them"
     await feed.wait(lambda: feed.confirmations(followed)[-1] == 0, "the followed transaction unmined")
     [zero] = [c for c in feed.of(TxConfirmation) if c.txid == followed and c.confirmations == 0]
     assert zero.block_hash is None and zero.block_number is None
@@ -404,6 +405,8 @@ async def test_reorg_unpublishes_removed_deposits_and_republishes_survivors(
     await feed.wait(lambda: len(feed.deposits(kept)) == 3, "the deposit in its replacement block")
     assert feed.deposits(kept)[2].block_hash == replaced[0]
     assert feed.deposits(kept)[2].block_number == height + 2
+    assert [d.reorgs for d in feed.deposits(kept)] == [0, 1, 2]
+    assert [r.sequence for r in feed.of(ChainReorg)] == [1, 2]
     await feed.wait(lambda: feed.confirmations(followed)[-1] >= 1, "the followed transaction mined again")
     assert len(feed.deposits(dropped)) == 1
     events = [type(m).__name__ for _, m, _ in feed.events]

@@ -130,7 +130,10 @@ async def emit_deposit(conn: Connection, deposit: DepositObserved) -> None:
         conn,
         subjects.chain_event(deposit.chain, "deposit"),
         deposit,
-        event_id=stable_event_id(deposit.chain, "deposit", deposit.txid, deposit.index, deposit.block_hash),
+        # After a reorg the same deposit in the same block is news again (a chain can go back to a branch).
+        event_id=stable_event_id(
+            deposit.chain, "deposit", deposit.txid, deposit.index, deposit.block_hash, deposit.reorgs
+        ),
     )
 
 
@@ -169,6 +172,20 @@ async def emit_unmined(conn: Connection, chain: str, item: Followed) -> None:
         TxConfirmation(chain=chain, txid=item.txid, confirmations=0, success=item.success),
         event_id=stable_event_id(chain, "confirmation", item.txid, item.block_hash, 0),
     )
+
+
+async def reorgs_followed(conn: Connection) -> int:
+    """How many reorgs this watcher has followed on its chain (its `head` table's count).
+
+    Every tip and deposit carries it, so that the engine takes a tip only after every reorg before
+    it, whatever order redeliveries bring them in, and knows a deposit seen before a reorg."""
+    count = await conn.fetchval("SELECT reorgs FROM head")
+    return 0 if count is None else int(count)
+
+
+async def count_reorg(conn: Connection) -> int:
+    """In the transaction that records a reorg: its sequence number."""
+    return int(await conn.fetchval("UPDATE head SET reorgs = reorgs + 1 RETURNING reorgs"))
 
 
 async def emit_reorg(conn: Connection, reorg: ChainReorg) -> None:

@@ -200,14 +200,19 @@ class DepositObserved(Message, frozen=True, kw_only=True):
     block_number: int
     block_hash: str
     block_time: int
+    #: How many reorgs the watcher had followed on this chain when it saw the deposit (`ChainReorg.sequence`).
+    reorgs: int = 0
 
 
 @message("chain.tip")
 class ChainTip(Message, frozen=True, kw_only=True):
+    """The watcher's new tip, after `reorgs` reorgs on this chain: it counts only once they all have."""
+
     chain: str
     height: int
     hash: str
     time: int
+    reorgs: int = 0
 
 
 @message("chain.reorg")
@@ -221,6 +226,8 @@ class ChainReorg(Message, frozen=True, kw_only=True):
     removed_hashes: list[str]
     new_tip_height: int
     new_tip_hash: str
+    #: This reorg's number on its chain, counted by the watchers from 1 (0: not counted).
+    sequence: int = 0
 
 
 @message("chain.tx_confirmation")

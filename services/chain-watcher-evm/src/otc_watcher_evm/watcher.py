@@ -404,10 +404,11 @@ class Watcher:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await store.claim_head(conn, view.head):
                 return  # another writer moved on: the next step catches up with what it wrote
+            reorgs = await chainwatch.reorgs_followed(conn)
             await store.insert_block(conn, block)
             published = 0
             for found in [*native, *tokens, *internal]:
-                published += await self._publish(conn, block, found, watched[found.address])
+                published += await self._publish(conn, block, found, watched[found.address], reorgs)
             for item in mined.values():
                 assert item.block_number is not None and item.block_hash is not None
                 await store.mark_mined(conn, item.txid, item.block_number, item.block_hash, item.success, item.fee_paid)
@@ -415,7 +416,7 @@ class Watcher:
             await self._confirmations(conn, confirmations, self.chain.confirmations)
             await store.set_baselines(conn, {watched[a]: b for a, b in verdict.baselines.items()})
             await chainwatch.emit_tip(
-                conn, ChainTip(chain=self.id, height=block.number, hash=block.hash, time=block.time)
+                conn, ChainTip(chain=self.id, height=block.number, hash=block.hash, time=block.time, reorgs=reorgs)
             )
             await store.prune(conn, block.number - self.chain.reorg_window + 1)
             new_head = await store.set_head(conn, block.number, block.hash)
@@ -455,8 +456,9 @@ class Watcher:
         if published:
             log.debug("block processed", extra={"chain": self.id, "height": block.number, "published": published})
 
-    async def _publish(self, conn: Connection, block: Block, found: Found, address: str) -> int:
-        """Records and emits one deposit unless it was already published for this block."""
+    async def _publish(self, conn: Connection, block: Block, found: Found, address: str, reorgs: int) -> int:
+        """Records and emits one deposit unless it was already published for this block (`reorgs`: see
+        `chainwatch.reorgs_followed`)."""
         if not await store.record_published(conn, found, address, block):
             return 0
         if found.asset is not None:
@@ -472,6 +474,7 @@ class Watcher:
                     block_number=block.number,
                     block_hash=block.hash,
                     block_time=block.time,
+                    reorgs=reorgs,
                 ),
             )
             kind = {rules.NATIVE_INDEX: "native", rules.INTERNAL_INDEX: "internal"}.get(found.index, "token")
@@ -567,6 +570,7 @@ class Watcher:
                     removed_hashes=removed_hashes,
                     new_tip_height=new_block.number,
                     new_tip_hash=new_block.hash,
+                    sequence=await chainwatch.count_reorg(conn),
                 ),
             )
             for item in await store.unmine(conn, removed_hashes):
@@ -698,8 +702,9 @@ class Watcher:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await store.claim_head(conn, head):
                 return
+            reorgs = await chainwatch.reorgs_followed(conn)
             for block, found in [*earlier, *natives, *tokens]:
-                await self._publish(conn, block, found, canonical[found.address])
+                await self._publish(conn, block, found, canonical[found.address], reorgs)
             await store.set_baselines(conn, {canonical[a]: Baseline(v) for a, v in at_head.items()})
             await store.drop_unwatched_balances(conn)
             await store.bump_version(conn)

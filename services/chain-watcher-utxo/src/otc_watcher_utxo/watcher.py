@@ -361,8 +361,9 @@ class Watcher:
                 await chainwatch.emit_confirmation(conn, self.id, item, count, self.chain.confirmations)
                 if count >= self.stop_at:
                     await store.mark_done(conn, item)
+            reorgs = await chainwatch.reorgs_followed(conn)
             await chainwatch.emit_tip(
-                conn, ChainTip(chain=self.id, height=header.height, hash=header.hash, time=header.time)
+                conn, ChainTip(chain=self.id, height=header.height, hash=header.hash, time=header.time, reorgs=reorgs)
             )
             await store.prune(conn, header.height - self.chain.reorg_window + 1)
             await store.set_head(conn, header.height, header.hash)
@@ -418,6 +419,7 @@ class Watcher:
                     removed_hashes=removed_hashes,
                     new_tip_height=tip.height,
                     new_tip_hash=tip.hash,
+                    sequence=await chainwatch.count_reorg(conn),
                 ),
             )
             unmined = await store.unmine(conn, removed_hashes)
@@ -628,11 +630,12 @@ class Watcher:
                     stored is None and lowest is not None and height >= lowest
                 ):
                     raise _Stale
+            reorgs = await chainwatch.reorgs_followed(conn)
             for deposit in deposits:
                 if await store.record_published(
                     conn, deposit.txid, deposit.index, deposit.block, deposit.address, deposit.amount
                 ):
-                    await chainwatch.emit_deposit(conn, self._observed(deposit))
+                    await chainwatch.emit_deposit(conn, self._observed(deposit, reorgs))
                     published.append(deposit)
             for txid, block in hits:
                 item = await store.mark_mined(conn, txid, block)
@@ -659,7 +662,7 @@ class Watcher:
                 },
             )
 
-    def _observed(self, deposit: Deposit) -> DepositObserved:
+    def _observed(self, deposit: Deposit, reorgs: int) -> DepositObserved:
         return DepositObserved(
             chain=self.id,
             address=deposit.address,
@@ -670,4 +673,5 @@ class Watcher:
             block_number=deposit.block.height,
             block_hash=deposit.block.hash,
             block_time=deposit.block.time,
+            reorgs=reorgs,
         )

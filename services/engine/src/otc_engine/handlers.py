@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 
 from otc_common import subjects
-from otc_common.bus import Bus, ConsumerRunner, emit
+from otc_common.bus import Bus, ConsumerRunner, TransientError, emit
 from otc_common.db import Connection, Pool
 from otc_common.messages import (
     AlertRaised,
@@ -102,6 +102,13 @@ class Handlers:
         if isinstance(message, DepositObserved):
             return await self._deposit(conn, message)
         if isinstance(message, ChainTip):
+            taken = await store.reorgs_taken(conn, message.chain)
+            if message.reorgs > taken:
+                # A reorg the watcher followed before this tip has not reached us yet (a redelivery after a crash
+                # comes late): counted from this tip, deposits in the blocks it replaced would look confirmed.
+                raise TransientError(
+                    f"{message.chain} tip {message.height} follows reorg {message.reorgs}; {taken} taken"
+                )
             crossed = await store.advance_tip(conn, message.chain, message.height, message.hash)
             chain = self.registry.chains.get(message.chain)
             if chain is None:
@@ -115,6 +122,8 @@ class Handlers:
         side = await store.side_by_escrow(conn, message.chain, message.address)
         if side is None:
             return []
+        # Seen before a reorg that has replaced its block since (the report came late): not mined.
+        replaced = await store.replaced_since(conn, message.chain, message.block_hash, message.reorgs)
         if side["asset"] != message.asset:
             log.warning(
                 "deposit of %s into an escrow for %s is not counted",
@@ -132,9 +141,9 @@ class Handlers:
             address=message.address,
             asset=message.asset,
             amount=message.amount,
-            block_number=message.block_number,
-            block_hash=message.block_hash,
-            block_time=datetime.fromtimestamp(message.block_time, UTC),
+            block_number=None if replaced else message.block_number,
+            block_hash=None if replaced else message.block_hash,
+            block_time=None if replaced else datetime.fromtimestamp(message.block_time, UTC),
         )
         if not fresh:
             return []
@@ -145,6 +154,9 @@ class Handlers:
         return [side["deal_id"]]
 
     async def _reorg(self, conn: Connection, message: ChainReorg) -> list[str]:
+        taken = await store.reorgs_taken(conn, message.chain)
+        if message.sequence > taken + 1:
+            raise TransientError(f"{message.chain} reorg {message.sequence} before reorg {taken + 1}")
         chain = self.registry.chains.get(message.chain)
         REORGS.labels(message.chain).inc()
         REORG_DEPTH.labels(message.chain).observe(message.depth)
@@ -152,6 +164,7 @@ class Handlers:
         await store.set_tip_after_reorg(
             conn, message.chain, message.new_tip_height, message.new_tip_hash, message.removed_hashes
         )
+        await store.take_reorg(conn, message.chain, message.sequence, message.removed_hashes)
         if chain is not None:
             # The tip may have moved past heights whose own tip reports will now be ignored as old: deposits
             # the reorg left in place that reach the threshold there are re-evaluated here.

@@ -191,20 +191,26 @@ async def upsert_deposit(
     address: str,
     asset: str,
     amount: int,
-    block_number: int,
-    block_hash: str,
-    block_time: datetime,
+    block_number: int | None,
+    block_hash: str | None,
+    block_time: datetime | None,
 ) -> bool:
-    """True when this is news (a new deposit, or one seen again in another block)."""
+    """True when this is news (a new deposit, or one seen again in another block).
+
+    Without a block (a report from a block replaced since) it is recorded only if it is not known yet."""
+    mined_again = (
+        """DO UPDATE SET block_number = EXCLUDED.block_number, block_hash = EXCLUDED.block_hash,
+                         block_time = EXCLUDED.block_time
+               WHERE deposits.block_hash IS DISTINCT FROM EXCLUDED.block_hash"""
+        if block_hash is not None
+        else "DO NOTHING"
+    )
     row = await conn.fetchrow(
-        """INSERT INTO deposits (chain, txid, idx, deal_id, party, address, asset, amount,
-                                 block_number, block_hash, block_time)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-           ON CONFLICT (chain, txid, idx) DO UPDATE
-               SET block_number = EXCLUDED.block_number, block_hash = EXCLUDED.block_hash,
-                   block_time = EXCLUDED.block_time
-               WHERE deposits.block_hash IS DISTINCT FROM EXCLUDED.block_hash
-           RETURNING 1""",
+        f"""INSERT INTO deposits (chain, txid, idx, deal_id, party, address, asset, amount,
+                                  block_number, block_hash, block_time)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+            ON CONFLICT (chain, txid, idx) {mined_again}
+            RETURNING 1""",
         chain,
         txid,
         idx,
@@ -255,6 +261,40 @@ async def set_tip_after_reorg(
         height,
         block_hash,
         list(removed_hashes),
+    )
+
+
+async def reorgs_taken(conn: Connection, chain: str) -> int:
+    """How many of the chain's reorgs the engine has taken in (see migration 005)."""
+    count = await conn.fetchval("SELECT reorgs FROM chain_tips WHERE chain = $1", chain)
+    return 0 if count is None else int(count)
+
+
+async def take_reorg(conn: Connection, chain: str, sequence: int, removed_hashes: Sequence[str]) -> None:
+    """After `set_tip_after_reorg`: records a reorg's number and the blocks it replaced (see `replaced_since`)."""
+    await conn.execute(
+        "UPDATE chain_tips SET reorgs = greatest(reorgs, $2) WHERE chain = $1",
+        chain,
+        sequence,
+    )
+    await conn.execute(
+        """INSERT INTO replaced_blocks (chain, hash, sequence) SELECT $1, unnest($2::text[]), $3
+           ON CONFLICT (chain, hash) DO UPDATE SET sequence = greatest(replaced_blocks.sequence, EXCLUDED.sequence)""",
+        chain,
+        list(removed_hashes),
+        sequence,
+    )
+
+
+async def replaced_since(conn: Connection, chain: str, block_hash: str, reorgs: int) -> bool:
+    """True when a reorg the reporting watcher had not followed yet (`reorgs`: its count) replaced the block."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM replaced_blocks WHERE chain = $1 AND hash = $2 AND sequence > $3)",
+            chain,
+            block_hash,
+            reorgs,
+        )
     )
 
 
