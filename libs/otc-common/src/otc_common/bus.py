@@ -220,7 +220,7 @@ class OutboxRelay:
 
 
 class TransientError(Exception):
-    """Retry later: the message is nak'ed with backoff."""
+    """Retry later: the message is nak'ed with backoff (an event that must wait for an earlier one)."""
 
 
 class ConsumerRunner:
@@ -361,7 +361,9 @@ class ConsumerRunner:
                 "error": repr(failure),
             },
         )
-        if deliveries == self.ALERT_AFTER_DELIVERIES:
+        # An event waiting for an earlier one (TransientError) may wait out another consumer's ack timeout first.
+        alert_at = self.ALERT_AFTER_DELIVERIES * (2 if isinstance(failure, TransientError) else 1)
+        if deliveries == alert_at:
             await self.bus.raise_alert("handler_failing", f"{consumer} {item.envelope.type}: {failure!r}")
         await item.msg.nak(delay=delay)
 
