@@ -236,6 +236,46 @@ async def test_a_failing_event_in_a_run_delays_only_itself(
     await bus.close()
 
 
+class ShortRuns(ConsumerRunner):
+    """Every run ends after its first event: the rest of a fetch waits for the next runs."""
+
+    MAX_RUN_SECONDS = 0.0
+
+
+async def test_events_a_run_leaves_for_the_next_are_each_handled_once(
+    clean_nats: str, database_url: str, pools: tuple[Pool, Pool]
+) -> None:
+    """A run records its events in the inbox up front; those it leaves for later runs are not taken as done."""
+    _, consumer_pool = pools
+    bus = await Bus.connect(clean_nats, "test")
+    await bus.provision_streams()
+    await bus.provision_consumer(SPEC)
+    total = 12
+    for i in range(total):
+        await bus.publish(subjects.deal(f"d{i}"), PartyDetailsFilled(deal_id=f"d{i}", party=Party.ALICE))
+
+    async def handler(conn: Connection, envelope: Envelope, message: Message) -> None:
+        assert isinstance(message, PartyDetailsFilled)
+        await conn.execute("INSERT INTO effects VALUES ($1, $2)", envelope.event_id, message.deal_id)
+
+    runner = ShortRuns(bus, consumer_pool, SPEC, handler)
+    task = asyncio.create_task(runner.run())
+    try:
+
+        async def all_effects() -> bool:
+            return bool(await consumer_pool.fetchval("SELECT count(*) FROM effects") >= total)
+
+        await wait_for(all_effects)
+    finally:
+        runner.stopping.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    rows = await consumer_pool.fetch("SELECT deal_id, count(*) AS n FROM effects GROUP BY deal_id")
+    assert sorted((row["deal_id"], row["n"]) for row in rows) == sorted((f"d{i}", 1) for i in range(total))
+    assert await consumer_pool.fetchval("SELECT count(*) FROM inbox") == total
+    await bus.close()
+
+
 async def test_provisioning_again_updates_a_consumers_filter(clean_nats: str) -> None:
     """A new release that narrows what a durable consumer reads takes effect on the existing consumer."""
     bus = await Bus.connect(clean_nats, "test")
