@@ -393,6 +393,18 @@ class Processor:
         if message.confirmations > 0 and message.block_number is not None:
             # Remembered so that, should a reorg unmine it, these same bytes go out again.
             await kind.note_mined(conn, txid, message.block_number, message.block_hash)
+        backend = self.backends.get(message.chain)
+        if (
+            backend is not None
+            and message.success
+            and 0 < message.confirmations < backend.chain.confirmations
+            and message.block_number is not None
+        ):
+            # On its way to the threshold the watcher's count is the progress: the sender's worker reads the node
+            # when the transaction is reported at the threshold, or unmined.
+            self.looked_at[(message.chain, owner["escrow_address"])] = time.monotonic()
+            await self._progress_in(conn, owner, message)
+            return
         touched.append(((message.chain, owner["escrow_address"]), False, True))
 
     async def on_deal(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
@@ -652,23 +664,53 @@ class Processor:
     async def _progress(self, flight: InFlight, receipt: rules.Receipt, confirmations: int) -> None:
         order = flight.order
         async with self.pool.acquire() as conn, conn.transaction():
-            if not await store.set_standing(conn, order.transfer_id, receipt.txid, receipt.block_number, confirmations):
-                return
             await store.note_mined(conn, receipt.txid, receipt.block_number, receipt.block_hash)
-            await emit(
+            await self._standing_in(
                 conn,
-                subjects.queue_result(order.chain),
-                TransferProgress(
-                    transfer_id=order.transfer_id,
-                    deal_id=order.deal_id,
-                    chain=order.chain,
-                    txid=receipt.txid,
-                    confirmations=confirmations,
-                ),
-                event_id=stable_event_id(
-                    "queue", "progress", order.transfer_id, receipt.txid, receipt.block_hash, confirmations
-                ),
+                order.transfer_id,
+                order.deal_id,
+                order.chain,
+                receipt.txid,
+                receipt.block_number,
+                receipt.block_hash,
+                confirmations,
             )
+
+    async def _progress_in(self, conn: Connection, owner: asyncpg.Record, seen: TxConfirmation) -> None:
+        assert seen.block_number is not None
+        await self._standing_in(
+            conn,
+            owner["transfer_id"],
+            owner["deal_id"],
+            seen.chain,
+            seen.txid.lower(),
+            seen.block_number,
+            seen.block_hash,
+            seen.confirmations,
+        )
+
+    async def _standing_in(
+        self,
+        conn: Connection,
+        transfer_id: str,
+        deal_id: str,
+        chain: str,
+        txid: str,
+        block_number: int,
+        block_hash: str | None,
+        confirmations: int,
+    ) -> None:
+        """Records a mined transfer's confirmations below the threshold, and reports them once each."""
+        if not await store.set_standing(conn, transfer_id, txid, block_number, confirmations):
+            return
+        await emit(
+            conn,
+            subjects.queue_result(chain),
+            TransferProgress(
+                transfer_id=transfer_id, deal_id=deal_id, chain=chain, txid=txid, confirmations=confirmations
+            ),
+            event_id=stable_event_id("queue", "progress", transfer_id, txid, block_hash, confirmations),
+        )
 
     async def _confirm(
         self, backend: ChainBackend, flight: InFlight, receipt: rules.Receipt, confirmations: int

@@ -366,7 +366,7 @@ async def in_flight(conn: Connection | Pool, chain: str, sender: str) -> list[In
 
 async def candidate_owner(conn: Connection, chain: str, txid: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        """SELECT c.transfer_id, c.mined_block, t.escrow_address, t.status
+        """SELECT c.transfer_id, c.mined_block, t.deal_id, t.escrow_address, t.status
            FROM candidates c JOIN transfers t USING (transfer_id) WHERE c.txid = $1 AND t.chain = $2""",
         txid,
         chain,
