@@ -456,7 +456,7 @@ async def wait_drained(nats_url: str, database_url: str, within: float = 900, qu
 class BacklogSampler:
     """Every few seconds, each durable consumer's backlog (pending + unacknowledged): where the work queues up."""
 
-    def __init__(self, nats_url: str, every: float = 5.0) -> None:
+    def __init__(self, nats_url: str, every: float = 2.0) -> None:
         self.nats_url = nats_url
         self.every = every
         self.samples: list[dict[str, Any]] = []
@@ -495,7 +495,12 @@ class BacklogSampler:
             values = [(s.get(name, 0), s["t"]) for s in self.samples]
             peak, at = max(values)
             busy = [t for v, t in values if v > 0]
-            peaks[name] = {"peak": peak, "peak_at_s": at, "last_busy_at_s": max(busy) if busy else None}
+            peaks[name] = {
+                "peak": peak,
+                "peak_at_s": at,
+                "last_busy_at_s": max(busy) if busy else None,
+                "samples": [[t, v] for v, t in values],
+            }
         return {"every_s": self.every, "consumers": peaks}
 
 

@@ -153,13 +153,14 @@ class Worker:
             while (self.sign_due or self.check_due) and not self.processor.stopping:
                 # What is already signed goes first: after a restart, its stored bytes reach the node
                 # before anything signed at a higher nonce.
-                if self.check_due:
-                    self.check_due = False
-                    self.processor.looked_at[(self.chain, self.sender)] = time.monotonic()
-                    await self.processor.reconcile(self)
-                else:
-                    self.sign_due = False
-                    await self.processor.sign_queued(self)
+                async with self.processor.sender_slots:
+                    if self.check_due:
+                        self.check_due = False
+                        self.processor.looked_at[(self.chain, self.sender)] = time.monotonic()
+                        await self.processor.reconcile(self)
+                    else:
+                        self.sign_due = False
+                        await self.processor.sign_queued(self)
         except TRANSIENT as exc:
             # The sweep wakes this sender again; nothing is lost, the database holds the state.
             log.warning(
@@ -186,6 +187,9 @@ class Processor:
         self.utxo: dict[str, UtxoPayouts] = {}
         self.facts: dict[str, ChainFacts] = {}
         self.workers: dict[SenderKey, Worker] = {}
+        #: Senders whose work runs at once. Every sender with work has a worker; unbounded, hundreds of them
+        #: share the event loop with the consumers, and each of a consumer's awaits waits behind them all.
+        self.sender_slots = asyncio.Semaphore(settings.concurrent_senders)
         #: When each sender's transactions in flight were last looked at (monotonic seconds).
         self.looked_at: dict[SenderKey, float] = {}
         self.recheck_seconds = IN_FLIGHT_RECHECK_SWEEPS * settings.poll_seconds

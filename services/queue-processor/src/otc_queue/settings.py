@@ -14,6 +14,10 @@ class QueueSettings(BaseSettings, frozen=True, kw_only=True):
     bump_after_seconds: Annotated[
         float, msgspec.Meta(gt=0, le=86_400, description="raise the fees of a transaction not mined after this long")
     ] = 30.0
+    concurrent_senders: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=10_000, description="how many sending addresses are worked on at once"),
+    ] = 16
     poll_seconds: Annotated[
         float,
         # At most 60: the sweep's heartbeat is what the liveness probe watches.
