@@ -17,7 +17,7 @@ class QueueSettings(BaseSettings, frozen=True, kw_only=True):
     concurrent_senders: Annotated[
         int,
         msgspec.Meta(ge=1, le=10_000, description="how many sending addresses are worked on at once"),
-    ] = 16
+    ] = 1000
     poll_seconds: Annotated[
         float,
         # At most 60: the sweep's heartbeat is what the liveness probe watches.
