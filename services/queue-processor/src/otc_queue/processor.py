@@ -395,22 +395,24 @@ class Processor:
         owner = await kind.candidate_owner(conn, message.chain, txid)
         if owner is None or owner["status"] != "SIGNED":
             return
-        if message.confirmations > 0 and message.block_number is not None:
-            # Remembered so that, should a reorg unmine it, these same bytes go out again.
-            await kind.note_mined(conn, txid, message.block_number, message.block_hash)
         backend = self.backends.get(message.chain)
-        if (
+        progress = (
             backend is not None
             and message.success
             and 0 < message.confirmations < backend.chain.confirmations
             and message.block_number is not None
-        ):
+        )
+        if progress:
             # On its way to the threshold the watcher's count is the progress: the sender's worker reads the node
-            # when the transaction is reported at the threshold, or unmined.
+            # when the transaction is reported at the threshold, or unmined. (The transfer's row before the
+            # candidate's, as the workers take them, so that a run of these never deadlocks with a worker.)
             self.looked_at[(message.chain, owner["escrow_address"])] = time.monotonic()
             await self._progress_in(conn, owner, message)
-            return
-        touched.append(((message.chain, owner["escrow_address"]), False, True))
+        if message.confirmations > 0 and message.block_number is not None:
+            # Remembered so that, should a reorg unmine it, these same bytes go out again.
+            await kind.note_mined(conn, txid, message.block_number, message.block_hash)
+        if not progress:
+            touched.append(((message.chain, owner["escrow_address"]), False, True))
 
     async def on_deal(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
         if isinstance(message, EscrowAssigned):
@@ -669,7 +671,6 @@ class Processor:
     async def _progress(self, flight: InFlight, receipt: rules.Receipt, confirmations: int) -> None:
         order = flight.order
         async with self.pool.acquire() as conn, conn.transaction():
-            await store.note_mined(conn, receipt.txid, receipt.block_number, receipt.block_hash)
             await self._standing_in(
                 conn,
                 order.transfer_id,
@@ -680,6 +681,7 @@ class Processor:
                 receipt.block_hash,
                 confirmations,
             )
+            await store.note_mined(conn, receipt.txid, receipt.block_number, receipt.block_hash)
 
     async def _progress_in(self, conn: Connection, owner: asyncpg.Record, seen: TxConfirmation) -> None:
         assert seen.block_number is not None
