@@ -20,7 +20,8 @@ import asyncpg
 import pytest
 
 from otc_cli.servers import ManagedServer, start_postgres
-from tests.conftest import Stack, with_database
+from otc_common.db import create_pool, migrate_when_reachable
+from tests.conftest import Stack, create_database, with_database
 from tests.support import ALICE_EVM, BOB_EVM, TEST_SEED_HEX
 
 
@@ -97,3 +98,27 @@ async def test_engine_keeps_sweeping_deadlines_across_a_database_restart(
         assert "deadline-sweep died" not in engine.log_path.read_text()
     finally:
         await stack.stop()
+
+
+async def test_migrations_wait_out_a_database_that_restarts_meanwhile(own_postgres: ManagedServer) -> None:
+    """Found by the chaos simulation: a watcher starting while PostgreSQL restarted lost its connection in the
+    middle of its migrations and exited instead of waiting, as every service must."""
+    url = await create_database(own_postgres.url)
+    pool = await create_pool(url, "restarting", max_size=2)
+    slow = ("001_slow", "SELECT pg_sleep(1.5); CREATE TABLE after_the_sleep (id int)")
+    try:
+        migrating = asyncio.create_task(migrate_when_reachable(pool, "restarting", [slow]))
+        await asyncio.sleep(0.5)  # the migration is sleeping inside its transaction
+        await asyncio.to_thread(own_postgres.stop)
+        own_postgres.launch()
+        await asyncio.to_thread(own_postgres.wait_ready)
+        applied = await asyncio.wait_for(migrating, 60)
+        assert applied[-1] == "001_slow", "applied in full once the server was back"
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM restarting.schema_migrations WHERE name = '001_slow'") == 1
+            assert await conn.fetchval("SELECT to_regclass('restarting.after_the_sleep') IS NOT NULL")
+        finally:
+            await conn.close()
+    finally:
+        await pool.close()

@@ -98,6 +98,31 @@ def package_migrations(package: str) -> list[tuple[str, str]]:
     return [(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8")) for entry in files]
 
 
+#: A lost connection, not a bad migration: `migrate_when_reachable` tries again.
+CONNECTION_LOST: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+async def migrate_when_reachable(pool: Pool, schema: str, migrations: Sequence[tuple[str, str]]) -> list[str]:
+    """`migrate`, waiting out a database that restarts meanwhile (a service started then must not give up)."""
+    delay = 0.2
+    while True:
+        try:
+            return await migrate(pool, schema, migrations)
+        except CONNECTION_LOST as exc:
+            log.warning("migrations interrupted (%s: %s); retrying", type(exc).__name__, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def migrate(pool: Pool, schema: str, migrations: Sequence[tuple[str, str]]) -> list[str]:
     """Applies what is missing, once, even with several replicas starting together."""
     applied_now: list[str] = []

@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from otc_common.bus import Bus, ConsumerRunner, Handler, OutboxRelay
-from otc_common.db import Pool, create_pool, migrate, package_migrations
+from otc_common.db import Pool, create_pool, migrate_when_reachable, package_migrations
 from otc_common.logs import setup_logging
 from otc_common.registry import Registry, load_registry
 from otc_common.settings import BaseSettings, ConfigError, config_exit
@@ -174,7 +174,7 @@ class Service:
         if self.schema is not None:
             self.pool = await create_pool(self.settings.database_url, self.schema, max_size=self.settings.db_pool_size)
             migrations = package_migrations(self.migrations_package) if self.migrations_package else []
-            await migrate(self.pool, self.schema, [*migrations, *self.extra_migrations])
+            await migrate_when_reachable(self.pool, self.schema, [*migrations, *self.extra_migrations])
         self.bus = await Bus.connect(self.settings.nats_url, self.name)
         await self.bus.provision_streams()
         for spec, handler in self._consumer_specs:
