@@ -184,6 +184,31 @@ async def test_migrations_apply_once_under_concurrency(database_url: str) -> Non
         await pool.close()
 
 
+async def bus_with_filled_deals(nats_url: str, count: int) -> Bus:
+    """A bus with SPEC's consumer and `count` PartyDetailsFilled events (deals d0, d1, ...) waiting for it."""
+    bus = await Bus.connect(nats_url, "test")
+    await bus.provision_streams()
+    await bus.provision_consumer(SPEC)
+    for i in range(count):
+        await bus.publish(subjects.deal(f"d{i}"), PartyDetailsFilled(deal_id=f"d{i}", party=Party.ALICE))
+    return bus
+
+
+async def run_until_effects(runner: ConsumerRunner, pool: Pool, count: int) -> None:
+    """Runs the consumer until its handler has written `count` effects, then stops it."""
+    task = asyncio.create_task(runner.run())
+    try:
+
+        async def all_effects() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM effects") >= count)
+
+        await wait_for(all_effects)
+    finally:
+        runner.stopping.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 class CountsTransactions(ConsumerRunner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -198,12 +223,8 @@ async def test_a_failing_event_in_a_run_delays_only_itself(
 ) -> None:
     """Events are handled many to a transaction; one that fails is rolled back alone and retried."""
     _, consumer_pool = pools
-    bus = await Bus.connect(clean_nats, "test")
-    await bus.provision_streams()
-    await bus.provision_consumer(SPEC)
     total = 60
-    for i in range(total):
-        await bus.publish(subjects.deal(f"d{i}"), PartyDetailsFilled(deal_id=f"d{i}", party=Party.ALICE))
+    bus = await bus_with_filled_deals(clean_nats, total)
     attempts: dict[str, int] = {}
 
     async def handler(conn: Connection, envelope: Envelope, message: Message) -> None:
@@ -214,18 +235,8 @@ async def test_a_failing_event_in_a_run_delays_only_itself(
             raise ConnectionError("d17 fails for a while")
 
     runner = CountsTransactions(bus, consumer_pool, SPEC, handler)
-    task = asyncio.create_task(runner.run())
-    try:
-
-        async def all_effects() -> bool:
-            return bool(await consumer_pool.fetchval("SELECT count(*) FROM effects") >= total)
-
-        await wait_for(all_effects)
-        others = await consumer_pool.fetchval("SELECT count(*) FROM effects WHERE deal_id <> 'd17'")
-    finally:
-        runner.stopping.set()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await run_until_effects(runner, consumer_pool, total)
+    others = await consumer_pool.fetchval("SELECT count(*) FROM effects WHERE deal_id <> 'd17'")
     rows = await consumer_pool.fetch("SELECT deal_id, count(*) AS n FROM effects GROUP BY deal_id")
     assert {row["deal_id"] for row in rows} == {f"d{i}" for i in range(total)}
     assert all(row["n"] == 1 for row in rows), "a rolled-back run must leave no effect behind"
@@ -247,29 +258,14 @@ async def test_events_a_run_leaves_for_the_next_are_each_handled_once(
 ) -> None:
     """A run records its events in the inbox up front; those it leaves for later runs are not taken as done."""
     _, consumer_pool = pools
-    bus = await Bus.connect(clean_nats, "test")
-    await bus.provision_streams()
-    await bus.provision_consumer(SPEC)
     total = 12
-    for i in range(total):
-        await bus.publish(subjects.deal(f"d{i}"), PartyDetailsFilled(deal_id=f"d{i}", party=Party.ALICE))
+    bus = await bus_with_filled_deals(clean_nats, total)
 
     async def handler(conn: Connection, envelope: Envelope, message: Message) -> None:
         assert isinstance(message, PartyDetailsFilled)
         await conn.execute("INSERT INTO effects VALUES ($1, $2)", envelope.event_id, message.deal_id)
 
-    runner = ShortRuns(bus, consumer_pool, SPEC, handler)
-    task = asyncio.create_task(runner.run())
-    try:
-
-        async def all_effects() -> bool:
-            return bool(await consumer_pool.fetchval("SELECT count(*) FROM effects") >= total)
-
-        await wait_for(all_effects)
-    finally:
-        runner.stopping.set()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await run_until_effects(ShortRuns(bus, consumer_pool, SPEC, handler), consumer_pool, total)
     rows = await consumer_pool.fetch("SELECT deal_id, count(*) AS n FROM effects GROUP BY deal_id")
     assert sorted((row["deal_id"], row["n"]) for row in rows) == sorted((f"d{i}", 1) for i in range(total))
     assert await consumer_pool.fetchval("SELECT count(*) FROM inbox") == total

@@ -100,6 +100,19 @@ async def test_engine_keeps_sweeping_deadlines_across_a_database_restart(
         await stack.stop()
 
 
+async def wait_until_sleeping(url: str, within: float = 10.0) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        deadline = time.monotonic() + within
+        while not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(1.5)%')"
+        ):
+            assert time.monotonic() < deadline, "the migration never started"
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+
+
 async def test_migrations_wait_out_a_database_that_restarts_meanwhile(own_postgres: ManagedServer) -> None:
     """Found by the chaos simulation: a watcher starting while PostgreSQL restarted lost its connection in the
     middle of its migrations and exited instead of waiting, as every service must."""
@@ -108,7 +121,7 @@ async def test_migrations_wait_out_a_database_that_restarts_meanwhile(own_postgr
     slow = ("001_slow", "SELECT pg_sleep(1.5); CREATE TABLE after_the_sleep (id int)")
     try:
         migrating = asyncio.create_task(migrate_when_reachable(pool, "restarting", [slow]))
-        await asyncio.sleep(0.5)  # the migration is sleeping inside its transaction
+        await wait_until_sleeping(url)  # the migration is inside its transaction
         await asyncio.to_thread(own_postgres.stop)
         own_postgres.launch()
         await asyncio.to_thread(own_postgres.wait_ready)
