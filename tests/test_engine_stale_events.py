@@ -10,7 +10,7 @@ failed while PostgreSQL restarted) left unacknowledged comes back up to 30 s lat
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,9 +108,8 @@ class Recording(Engine):
         super().__init__(*args, **kwargs)
         self.advanced: list[str] = []
 
-    async def advance(self, conn: Any, deal_id: str, now: datetime, locked: Any = None) -> list[Any]:
-        self.advanced.append(deal_id)
-        return []
+    async def advance_all(self, conn: Any, deal_ids: Iterable[str], now: datetime) -> None:
+        self.advanced.extend(sorted(set(deal_ids)))
 
 
 async def test_a_reorg_that_moves_the_tip_on_re_evaluates_deposits_reaching_the_threshold(

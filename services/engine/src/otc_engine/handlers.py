@@ -92,11 +92,7 @@ class Handlers:
 
     async def advance_all(self, conn: Connection, deal_ids: Iterable[str]) -> None:
         """Locks the deals in id order (so concurrent transactions never deadlock) and re-evaluates each."""
-        now = now_utc()
-        for deal_id in sorted(set(deal_ids)):
-            locked = await store.lock_deal(conn, deal_id)
-            if locked is not None:
-                await self.engine.advance(conn, deal_id, now, locked)
+        await self.engine.advance_all(conn, deal_ids, now_utc())
 
     async def chain(self, conn: Connection, envelope: Envelope, message: Message) -> list[str]:
         if isinstance(message, DepositObserved):

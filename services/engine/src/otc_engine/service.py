@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,6 +100,10 @@ class Engine:
     ) -> list[Transition]:
         """Re-evaluates a deal the caller has locked (`locked`: its row, if unchanged since)."""
         return await self.flow.advance(conn, deal_id, now, locked)
+
+    async def advance_all(self, conn: Connection, deal_ids: Iterable[str], now: datetime) -> None:
+        """Locks the deals in id order and re-evaluates each (a run of bus events)."""
+        await self.flow.advance_all(conn, deal_ids, now)
 
     async def _locked_deal(self, conn: Connection, deal_id: str) -> asyncpg.Record:
         deal = await store.lock_deal(conn, deal_id)

@@ -68,6 +68,17 @@ async def lock_deal(conn: Connection, deal_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM deals WHERE deal_id = $1 FOR UPDATE", deal_id)
 
 
+async def lock_deals(conn: Connection, deal_ids: list[str]) -> list[asyncpg.Record]:
+    """The deal rows, locked in id order (byte order, as Python sorts them), so that transactions locking
+    several deals at once never deadlock on each other."""
+    return list(
+        await conn.fetch(
+            'SELECT * FROM deals WHERE deal_id = ANY($1::text[]) ORDER BY deal_id COLLATE "C" FOR UPDATE',
+            deal_ids,
+        )
+    )
+
+
 async def get_deal(conn: Connection, deal_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM deals WHERE deal_id = $1", deal_id)
 
@@ -343,6 +354,26 @@ async def halt_chain(conn: Connection, chain: str, reason: str) -> None:
 
 async def halted_chains(conn: Connection) -> set[str]:
     return {row["chain"] for row in await conn.fetch("SELECT chain FROM chain_halts")}
+
+
+async def facts_of(conn: Connection, deal_ids: list[str]) -> dict[str, dict[str, list[asyncpg.Record]]]:
+    """The sides, deposits, transfers and gas fundings of several deals, four statements in all; each
+    deal's rows in the order the single-deal reads below give them."""
+    found: dict[str, dict[str, list[asyncpg.Record]]] = {
+        deal_id: {"sides": [], "deposits": [], "transfers": [], "gas": []} for deal_id in deal_ids
+    }
+    for kind, query in (
+        ("sides", "SELECT * FROM deal_sides WHERE deal_id = ANY($1::text[])"),
+        (
+            "deposits",
+            "SELECT * FROM deposits WHERE deal_id = ANY($1::text[]) ORDER BY block_number NULLS LAST, first_seen",
+        ),
+        ("transfers", "SELECT * FROM transfers WHERE deal_id = ANY($1::text[]) ORDER BY created_at, phase"),
+        ("gas", "SELECT * FROM gas_fundings WHERE deal_id = ANY($1::text[])"),
+    ):
+        for row in await conn.fetch(query, deal_ids):
+            found[row["deal_id"]][kind].append(row)
+    return found
 
 
 async def deposits(conn: Connection, deal_id: str) -> list[asyncpg.Record]:
