@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from otc_common import subjects
-from otc_common.bus import Bus, ConsumerRunner, OutboxRelay, emit
+from otc_common.bus import Bus, ConsumerRunner, OutboxRelay, emit, emitted_together
 from otc_common.db import Connection, Pool, create_pool, migrate
 from otc_common.messages import AlertRaised, Envelope, Message, Party, PartyDetailsFilled, decode_envelope
 from otc_common.subjects import ConsumerSpec
@@ -133,6 +133,34 @@ async def test_outbox_to_inbox_exactly_once(clean_nats: str, database_url: str, 
     deal_ids = {row["deal_id"] for row in await consumer_pool.fetch("SELECT deal_id FROM effects")}
     assert "ghost" not in deal_ids
     await bus.close()
+
+
+async def test_events_emitted_together_are_stored_in_order_with_one_statement(pools: tuple[Pool, Pool]) -> None:
+    producer, _ = pools
+
+    def filled(deal_id: str, party: Party = Party.ALICE) -> PartyDetailsFilled:
+        return PartyDetailsFilled(deal_id=deal_id, party=party)
+
+    async with producer.acquire() as conn, conn.transaction(), emitted_together(conn):
+        await emit(conn, subjects.deal("a"), filled("a"), event_id="e-a")
+        async with emitted_together(conn):  # nested on the same connection: the outer block stores
+            await emit(conn, subjects.deal("b"), filled("b"), event_id="e-b")
+        await emit(conn, subjects.deal("a"), filled("a", Party.BOB), event_id="e-a")  # the first of an id stands
+        await emit(conn, subjects.deal("c"), filled("c"), event_id="e-c")
+        assert await conn.fetchval("SELECT count(*) FROM outbox") == 0, "stored only when the block ends"
+        async with producer.acquire() as other, other.transaction():
+            await emit(other, subjects.deal("x"), filled("x"), event_id="e-x")  # another connection: stored at once
+            assert await other.fetchval("SELECT count(*) FROM outbox") == 1
+    rows = await producer.fetch("SELECT event_id, data FROM outbox ORDER BY id")
+    assert [row["event_id"] for row in rows] == ["e-x", "e-a", "e-b", "e-c"]
+    first = decode_envelope(rows[1]["data"])[1]
+    assert isinstance(first, PartyDetailsFilled) and first.party is Party.ALICE
+
+    with pytest.raises(RuntimeError):
+        async with producer.acquire() as conn, conn.transaction(), emitted_together(conn):
+            await emit(conn, subjects.deal("ghost"), filled("ghost"), event_id="e-ghost")
+            raise RuntimeError("rollback")
+    assert await producer.fetchval("SELECT count(*) FROM outbox WHERE event_id = 'e-ghost'") == 0
 
 
 async def test_undecodable_message_is_terminated_and_alerted(clean_nats: str, pools: tuple[Pool, Pool]) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,19 +139,72 @@ class Bus:
             await self.nc.close()
 
 
+@dataclass(slots=True)
+class _Emitted:
+    conn: Connection
+    rows: dict[str, tuple[str, bytes]]
+
+
+#: The events emitted inside `emitted_together` on its connection, waiting to be stored with one statement.
+_emitted: contextvars.ContextVar[_Emitted | None] = contextvars.ContextVar("otc_emitted", default=None)
+
+
 async def emit(conn: Connection, subject: str, msg: Message, event_id: str | None = None) -> None:
     """Queues an event in the caller's transaction; the relay publishes it after commit."""
     data = encode_envelope(msg, event_id)
     envelope_id = msgspec.json.decode(data, type=Envelope).event_id
-    # One round trip: the relay's wake-up rides along (NOTIFY is delivered at commit, once per transaction).
+    pending = _emitted.get()
+    if pending is not None and pending.conn is conn:
+        # The first of two events with one id stands, as the outbox's ON CONFLICT DO NOTHING would have it.
+        pending.rows.setdefault(envelope_id, (subject, data))
+        return
+    await _store(conn, {envelope_id: (subject, data)})
+
+
+@contextlib.asynccontextmanager
+async def emitted_together(conn: Connection) -> AsyncIterator[None]:
+    """Inside a transaction on `conn`: the events emitted on it within are stored, in emission order, with one
+    statement when the block ends without an error (a block that fails stores none, as its transaction rolls
+    back). Not for a block that rolls back to a savepoint and carries on: what it emitted would stay."""
+    outer = _emitted.get()
+    if outer is not None and outer.conn is conn:
+        yield
+        return
+    pending = _Emitted(conn, {})
+    token = _emitted.set(pending)
+    try:
+        yield
+    finally:
+        _emitted.reset(token)
+    if pending.rows:
+        await _store(conn, pending.rows)
+
+
+async def _store(conn: Connection, rows: dict[str, tuple[str, bytes]]) -> None:
+    # The relay's wake-up rides along (NOTIFY is delivered at commit, once per transaction).
+    if len(rows) == 1:
+        [(event_id, (subject, data))] = rows.items()
+        await conn.execute(
+            """WITH stored AS (
+                   INSERT INTO outbox(event_id, subject, data) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING
+               )
+               SELECT pg_notify(current_schema() || '_outbox', '')""",
+            event_id,
+            subject,
+            data,
+        )
+        return
     await conn.execute(
         """WITH stored AS (
-               INSERT INTO outbox(event_id, subject, data) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING
+               INSERT INTO outbox(event_id, subject, data)
+               SELECT e, s, d FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS t(e, s, d, n)
+               ORDER BY n
+               ON CONFLICT (event_id) DO NOTHING
            )
            SELECT pg_notify(current_schema() || '_outbox', '')""",
-        envelope_id,
-        subject,
-        data,
+        list(rows),
+        [subject for subject, _ in rows.values()],
+        [data for _, data in rows.values()],
     )
 
 
@@ -218,6 +272,9 @@ class OutboxRelay:
                 await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [row["id"] for row in rows])
                 published += len(rows)
                 metrics.OUTBOX_PUBLISHED.labels(self.schema).inc(len(rows))
+            if len(rows) < self.BATCH:
+                # That was all there was. Rows committed since then have notified: the relay drains again.
+                return published
 
 
 class TransientError(Exception):
@@ -325,8 +382,9 @@ class ConsumerRunner:
         taken = items[:limit]
         self.before_transaction()
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                # The whole run's inbox rows in one statement: a round trip per event costs more than most handlers.
+            # The run's inbox rows in one statement, and the events it emits in another: a round trip per event
+            # costs more than most handlers.
+            async with self.pool.acquire() as conn, conn.transaction(), emitted_together(conn):
                 fresh = {
                     row["event_id"]
                     for row in await conn.fetch(
@@ -336,6 +394,9 @@ class ConsumerRunner:
                         [item.envelope.event_id for item in taken],
                     )
                 }
+                await self.before_handling(
+                    conn, [(item.envelope, item.payload) for item in taken if item.envelope.event_id in fresh]
+                )
                 for position, item in enumerate(taken):
                     item_started = time.perf_counter()
                     if item.envelope.event_id in fresh:
@@ -396,6 +457,10 @@ class ConsumerRunner:
 
     def before_transaction(self) -> None:
         """Called before each handling transaction begins."""
+
+    async def before_handling(self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]]) -> None:
+        """Called inside each handling transaction with the run's events not handled before, before the first is
+        handled (to read what they need at once); a failure fails the run."""
 
     async def before_commit(self, conn: Connection) -> None:
         """Called inside each handling transaction once its run of events is handled; a failure fails the run."""

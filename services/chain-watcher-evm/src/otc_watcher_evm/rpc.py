@@ -15,6 +15,8 @@ from otc_watcher_evm.rules import Block, Log, Receipt
 
 T = TypeVar("T")
 
+RECEIPTS_PER_BATCH = 100
+
 
 class EvmRpc(EvmJsonRpc):
     def __init__(
@@ -50,11 +52,23 @@ class EvmRpc(EvmJsonRpc):
             found.extend(_checked(functools.partial(_parse_logs, raw)))
         return found
 
-    async def receipt(self, txid: str, tx_gas_price: int = 0) -> Receipt | None:
-        raw = await self.call("eth_getTransactionReceipt", txid)
-        if raw is None or raw.get("blockHash") is None:
-            return None
-        return _checked(lambda: rules.parse_receipt(raw, tx_gas_price))
+    async def receipts(self, txids: Sequence[str], gas_prices: Sequence[int] | None = None) -> list[Receipt | None]:
+        """Several receipts from one request, in the order of `txids`; None for a transaction not mined."""
+        answers: list[Any] = []
+        # Providers cap the calls of a batch; 100 is under every common cap.
+        for start in range(0, len(txids), RECEIPTS_PER_BATCH):
+            chunk = txids[start : start + RECEIPTS_PER_BATCH]
+            answers += await self.batch([("eth_getTransactionReceipt", [txid]) for txid in chunk])
+        found: list[Receipt | None] = []
+        for position, raw in enumerate(answers):
+            if isinstance(raw, Exception):
+                raise raw
+            if raw is None or raw.get("blockHash") is None:
+                found.append(None)
+                continue
+            gas_price = gas_prices[position] if gas_prices is not None else 0
+            found.append(_checked(functools.partial(rules.parse_receipt, raw, gas_price)))
+        return found
 
     async def balances(self, addresses: Sequence[str], block_hash: str | None) -> dict[str, int]:
         """Native balances (lowercase `0x` addresses) at the end of a block (None: the latest)."""

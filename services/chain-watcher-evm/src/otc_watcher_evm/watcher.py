@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from otc_common import chainwatch, subjects, watchset
 from otc_common import metrics as common_metrics
 from otc_common.addresses import evm_checksum_address
-from otc_common.bus import Bus, emit
+from otc_common.bus import Bus, emit, emitted_together
 from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
 from otc_common.evm_rpc import RpcFailure
 from otc_common.messages import (
@@ -358,13 +358,14 @@ class Watcher:
         if any(entry.block_hash != block.hash for entry in logs):
             raise RpcFailure(f"logs of block {block.number} came from another block (reorg under way)")
         words = await self._measure_words(view.known, block) if view.known else b""
+        ours = [tx for tx in block.txs if tx.hash in follows]
         receipts: dict[str, Receipt] = {}
-        for tx in block.txs:
-            if tx.hash in follows:
-                receipt = await self.rpc.receipt(tx.hash, tx.gas_price)
-                if receipt is None or receipt.block_hash != block.hash:
-                    raise RpcFailure(f"receipt of {tx.hash} is not in block {block.number} (reorg under way)")
-                receipts[tx.hash] = receipt
+        for tx, receipt in zip(
+            ours, await self.rpc.receipts([tx.hash for tx in ours], [tx.gas_price for tx in ours]), strict=True
+        ):
+            if receipt is None or receipt.block_hash != block.hash:
+                raise RpcFailure(f"receipt of {tx.hash} is not in block {block.number} (reorg under way)")
+            receipts[tx.hash] = receipt
 
         native = rules.native_deposits(block, watched, self.native)
         tokens = rules.token_deposits(logs, watched, self.tokens)
@@ -401,7 +402,7 @@ class Watcher:
         confirmations = rules.confirmations_at(open_follows.values(), block.number)
         done = [item for item, count in confirmations if count >= self.stop_at]
 
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction(), emitted_together(conn):
             if not await store.claim_head(conn, view.head):
                 return  # another writer moved on: the next step catches up with what it wrote
             reorgs = await chainwatch.reorgs_followed(conn)
@@ -611,7 +612,7 @@ class Watcher:
             follows = await store.open_follows(conn)
             hashes = {row.number: row.hash for row in await store.window(conn)}
         assert head is not None
-        receipts = {txid: await self.rpc.receipt(txid) for txid in txids}
+        receipts = dict(zip(txids, await self.rpc.receipts(txids), strict=True))
         checked: list[str] = []
         updates: list[tuple[Followed, int]] = []
         for txid, receipt in receipts.items():

@@ -23,7 +23,7 @@ import asyncpg
 from otc_common import chainwatch, watchset
 from otc_common import metrics as common_metrics
 from otc_common.addresses import AddressError, electrum_scripthash, utxo_script_pubkey
-from otc_common.bus import Bus
+from otc_common.bus import Bus, emitted_together
 from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
 from otc_common.electrum import ElectrumClient, ElectrumError, ElectrumTimeout, ElectrumUnavailable
 from otc_common.messages import ChainReorg, ChainTip, DepositObserved
@@ -352,7 +352,7 @@ class Watcher:
     async def _process_block(self, header: Header, head: Head | None) -> Head | None:
         """Records one block and what it means for the followed transactions; None if the head moved meanwhile."""
         started = time.perf_counter()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction(), emitted_together(conn):
             if not await store.claim_head(conn, head):
                 return None
             follows = await store.open_follows(conn)

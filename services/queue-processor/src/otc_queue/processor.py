@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -95,8 +95,26 @@ TRANSIENT: tuple[type[Exception], ...] = (RpcUnavailable, RpcError, *DATABASE_TR
 DEAL_CACHE_SIZE = 10_000
 
 SenderKey = tuple[str, str]
-Touched = list[tuple[SenderKey, bool, bool]]
-TouchingHandler = Callable[[Connection, Envelope, Message, Touched], Awaitable[None]]
+
+
+class RunNotes:
+    """What one consumer run noted: the senders to wake once it has committed, and rows read for the whole run."""
+
+    def __init__(self) -> None:
+        self.wakes: list[tuple[SenderKey, bool, bool]] = []
+        #: The candidate each transaction id of the run belongs to, by (chain, txid); None: not one of ours.
+        self.owners: dict[SenderKey, asyncpg.Record | None] = {}
+
+    def wake(self, key: SenderKey, *, sign: bool = False, check: bool = False) -> None:
+        self.wakes.append((key, sign, check))
+
+    def clear(self) -> None:
+        self.wakes.clear()
+        self.owners.clear()
+
+
+TouchingHandler = Callable[[Connection, Envelope, Message, RunNotes], Awaitable[None]]
+RunPreparer = Callable[[Connection, Sequence[Message], RunNotes], Awaitable[None]]
 
 
 def canonical_address(chain: Chain, text: str) -> str | None:
@@ -111,24 +129,39 @@ def canonical_address(chain: Chain, text: str) -> str | None:
 
 
 class WakingRunner(ConsumerRunner):
-    """A consumer whose handler notes the senders it touched; they are woken after the commit."""
+    """A consumer whose handler notes the senders it touched; they are woken after the commit.
 
-    def __init__(self, bus: Bus, pool: Pool, spec: ConsumerSpec, handler: TouchingHandler, processor: Processor):
-        self._touched: Touched = []
+    `prepare`, if given, reads what the run's fresh events need with a statement or two, before they are handled."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        pool: Pool,
+        spec: ConsumerSpec,
+        handler: TouchingHandler,
+        processor: Processor,
+        prepare: RunPreparer | None = None,
+    ):
+        self._notes = RunNotes()
+        self._prepare = prepare
 
         async def run(conn: Connection, envelope: Envelope, message: Message) -> None:
-            await handler(conn, envelope, message, self._touched)
+            await handler(conn, envelope, message, self._notes)
 
         super().__init__(bus, pool, spec, run)
         self._processor = processor
 
     def before_transaction(self) -> None:
-        self._touched.clear()
+        self._notes.clear()
+
+    async def before_handling(self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]]) -> None:
+        if self._prepare is not None:
+            await self._prepare(conn, [message for _, message in fresh], self._notes)
 
     def after_transaction(self) -> None:
-        for (chain, sender), sign, check in self._touched:
+        for (chain, sender), sign, check in self._notes.wakes:
             self._processor.wake(chain, sender, sign=sign, check=check)
-        self._touched.clear()
+        self._notes.clear()
 
 
 class Worker:
@@ -231,13 +264,13 @@ class Processor:
                 self.backends[chain.id] = backend
             elif chain.kind is ChainKind.UTXO:
                 self.utxo[chain.id] = await self._utxo_payouts(chain)
-        consumers: list[tuple[ConsumerSpec, TouchingHandler]] = [(DEALS, self.on_deal)]
+        consumers: list[tuple[ConsumerSpec, TouchingHandler, RunPreparer | None]] = [(DEALS, self.on_deal, None)]
         for chain_id in sorted(self.registry.chains):
-            consumers.append((commands_spec(chain_id), self.on_command))
-            consumers.append((confirmations_spec(chain_id), self.on_confirmation))
-        for spec, handler in consumers:
+            consumers.append((commands_spec(chain_id), self.on_command, None))
+            consumers.append((confirmations_spec(chain_id), self.on_confirmation, self.read_owners))
+        for spec, handler, prepare in consumers:
             await self.service.nats.provision_consumer(spec)
-            self.service.consumers.append(WakingRunner(self.service.nats, self.pool, spec, handler, self))
+            self.service.consumers.append(WakingRunner(self.service.nats, self.pool, spec, handler, self, prepare))
         log.info("signing for chains", extra={"chains": sorted([*self.backends, *self.utxo])})
 
     async def _utxo_payouts(self, chain: Chain) -> UtxoPayouts:
@@ -353,7 +386,7 @@ class Processor:
 
     # ----------------------------------------------------------------- bus handlers
 
-    async def on_command(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
+    async def on_command(self, conn: Connection, envelope: Envelope, message: Message, notes: RunNotes) -> None:
         if not isinstance(message, PayoutCommand):
             return
         chain = self.registry.chains.get(message.chain)
@@ -385,14 +418,15 @@ class Processor:
             why = "unknown chain" if chain is None else "malformed escrow address"
             await self._refuse_in(conn, _order(cmd), f"{why}: {message.chain} {message.escrow_address}")
             return
-        touched.append(((chain.id, sender), True, False))
+        notes.wake((chain.id, sender), sign=True)
 
-    async def on_confirmation(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
+    async def on_confirmation(self, conn: Connection, envelope: Envelope, message: Message, notes: RunNotes) -> None:
         if not isinstance(message, TxConfirmation):
             return
         txid = message.txid.lower()
         kind = utxo_store if message.chain in self.utxo else store
-        owner = await kind.candidate_owner(conn, message.chain, txid)
+        key = (message.chain, txid)
+        owner = notes.owners[key] if key in notes.owners else await kind.candidate_owner(conn, message.chain, txid)
         if owner is None or owner["status"] != "SIGNED":
             return
         backend = self.backends.get(message.chain)
@@ -408,13 +442,27 @@ class Processor:
             # candidate's, as the workers take them, so that a run of these never deadlocks with a worker.)
             self.looked_at[(message.chain, owner["escrow_address"])] = time.monotonic()
             await self._progress_in(conn, owner, message)
-        if message.confirmations > 0 and message.block_number is not None:
-            # Remembered so that, should a reorg unmine it, these same bytes go out again.
+        noted = (owner["mined_block"], owner["mined_hash"]) == (message.block_number, message.block_hash)
+        if message.confirmations > 0 and message.block_number is not None and not noted:
+            # Remembered (once per block) so that, should a reorg unmine it, these same bytes go out again.
             await kind.note_mined(conn, txid, message.block_number, message.block_hash)
         if not progress:
-            touched.append(((message.chain, owner["escrow_address"]), False, True))
+            notes.wake((message.chain, owner["escrow_address"]), check=True)
 
-    async def on_deal(self, conn: Connection, envelope: Envelope, message: Message, touched: Touched) -> None:
+    async def read_owners(self, conn: Connection, messages: Sequence[Message], notes: RunNotes) -> None:
+        """The candidates a run's confirmations are about, one statement per chain instead of one per event. (A
+        transaction is stored before it is broadcast, so one the watcher saw mined is here if it is ours.)"""
+        by_chain: dict[str, set[str]] = {}
+        for message in messages:
+            if isinstance(message, TxConfirmation):
+                by_chain.setdefault(message.chain, set()).add(message.txid.lower())
+        for chain, txids in by_chain.items():
+            kind = utxo_store if chain in self.utxo else store
+            found = await kind.candidate_owners(conn, chain, sorted(txids))
+            for txid in txids:
+                notes.owners[(chain, txid)] = found.get(txid)
+
+    async def on_deal(self, conn: Connection, envelope: Envelope, message: Message, notes: RunNotes) -> None:
         if isinstance(message, EscrowAssigned):
             chain = self.registry.chains.get(message.chain)
             address = canonical_address(chain, message.address) if chain is not None else None
@@ -448,7 +496,7 @@ class Processor:
         else:
             return
         for key in await store.open_senders_of_deal(conn, message.deal_id):
-            touched.append((key, True, False))
+            notes.wake(key, sign=True)
 
     # ----------------------------------------------------------------- signing
 

@@ -366,11 +366,22 @@ async def in_flight(conn: Connection | Pool, chain: str, sender: str) -> list[In
 
 async def candidate_owner(conn: Connection, chain: str, txid: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        """SELECT c.transfer_id, c.mined_block, t.deal_id, t.escrow_address, t.status
+        """SELECT c.transfer_id, c.mined_block, c.mined_hash, t.deal_id, t.escrow_address, t.status
            FROM candidates c JOIN transfers t USING (transfer_id) WHERE c.txid = $1 AND t.chain = $2""",
         txid,
         chain,
     )
+
+
+async def candidate_owners(conn: Connection, chain: str, txids: list[str]) -> dict[str, asyncpg.Record]:
+    """`candidate_owner` of several transactions at once, by txid."""
+    rows = await conn.fetch(
+        """SELECT c.txid, c.transfer_id, c.mined_block, c.mined_hash, t.deal_id, t.escrow_address, t.status
+           FROM candidates c JOIN transfers t USING (transfer_id) WHERE c.txid = ANY($1::text[]) AND t.chain = $2""",
+        txids,
+        chain,
+    )
+    return {row["txid"]: row for row in rows}
 
 
 async def note_mined(conn: Connection, txid: str, block_number: int | None, block_hash: str | None) -> None:
