@@ -7,12 +7,21 @@ import time
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from otc_common import subjects
 from otc_common.bus import Bus, ConsumerRunner, OutboxRelay, emit, emitted_together
 from otc_common.db import Connection, Pool, create_pool, migrate
-from otc_common.messages import AlertRaised, Envelope, Message, Party, PartyDetailsFilled, decode_envelope
+from otc_common.messages import (
+    AlertRaised,
+    Envelope,
+    Message,
+    Party,
+    PartyDetailsFilled,
+    SideFunded,
+    decode_envelope,
+)
 from otc_common.subjects import ConsumerSpec
 
 EFFECTS = ("001_effects", "CREATE TABLE effects (event_id text NOT NULL, deal_id text NOT NULL)")
@@ -297,6 +306,31 @@ async def test_events_a_run_leaves_for_the_next_are_each_handled_once(
     rows = await consumer_pool.fetch("SELECT deal_id, count(*) AS n FROM effects GROUP BY deal_id")
     assert sorted((row["deal_id"], row["n"]) for row in rows) == sorted((f"d{i}", 1) for i in range(total))
     assert await consumer_pool.fetchval("SELECT count(*) FROM inbox") == total
+    await bus.close()
+
+
+async def test_events_of_types_a_consumer_does_not_handle_are_acknowledged_without_a_transaction(
+    clean_nats: str, database_url: str, pools: tuple[Pool, Pool]
+) -> None:
+    _, consumer_pool = pools
+    total = 10
+    bus = await bus_with_filled_deals(clean_nats, total)
+    for i in range(total):
+        await bus.publish(subjects.deal(f"d{i}"), SideFunded(deal_id=f"d{i}", party=Party.BOB, amount=1))
+    seen: list[str] = []
+
+    async def handler(conn: Connection, envelope: Envelope, message: Message) -> None:
+        seen.append(envelope.type)
+        await conn.execute("INSERT INTO effects VALUES ($1, $2)", envelope.event_id, getattr(message, "deal_id", ""))
+
+    only_filled = msgspec.structs.replace(SPEC, types=frozenset({PartyDetailsFilled.TYPE}))
+    runner = CountsTransactions(bus, consumer_pool, only_filled, handler)
+    await run_until_effects(runner, consumer_pool, total)
+    await asyncio.sleep(0.5)  # would the other type's events reach the handler, they would by now
+    assert set(seen) == {PartyDetailsFilled.TYPE}
+    assert await consumer_pool.fetchval("SELECT count(*) FROM inbox") == total
+    info = await bus.js.consumer_info(SPEC.stream, SPEC.durable)
+    assert info.num_pending == 0 and info.num_ack_pending == 0, "every event, handled or not, is acknowledged"
     await bus.close()
 
 

@@ -337,6 +337,11 @@ class ConsumerRunner:
 
     async def process_many(self, messages: Sequence[Msg]) -> None:
         decoded = [item for msg in messages if (item := await self._decode(msg)) is not None]
+        if self.spec.types is not None:
+            for item in decoded:
+                if item.envelope.type not in self.spec.types:
+                    await self.ack(item.msg)
+            decoded = [item for item in decoded if item.envelope.type in self.spec.types]
         position = 0
         while position < len(decoded):
             if self.stopping.is_set():

@@ -70,6 +70,9 @@ class ConsumerSpec(msgspec.Struct, frozen=True):
     #: The name its handled events are recorded under in the inbox (the durable's by default). Consumers
     #: that split one consumer's subjects between them keep its name, so nothing it handled is handled again.
     inbox: str | None = None
+    #: The event types its handler acts on (None: every type). Others are acknowledged without touching the
+    #: database: a subject names a deal, not an event type, so a consumer of deal events receives them all.
+    types: frozenset[str] | None = None
 
     @property
     def inbox_name(self) -> str:

@@ -34,7 +34,12 @@ MIGRATIONS = [
 
 
 def consumer_spec(kind: str, chain: str) -> ConsumerSpec:
-    return ConsumerSpec(durable=f"watcher-{kind}-{chain}-deals", stream="DEALS", filter_subjects=[subjects.ALL_DEALS])
+    return ConsumerSpec(
+        durable=f"watcher-{kind}-{chain}-deals",
+        stream="DEALS",
+        filter_subjects=[subjects.ALL_DEALS],
+        types=frozenset({EscrowAssigned.TYPE, EscrowUnwatch.TYPE}),
+    )
 
 
 def schema_name(kind: str, chain: str) -> str:

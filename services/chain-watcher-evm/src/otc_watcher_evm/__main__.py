@@ -7,12 +7,11 @@ identical events, which JetStream deduplicates by their fact-derived ids.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from otc_common import watchset
 from otc_common.db import package_migrations
 from otc_common.registry import ChainKind
-from otc_common.runtime import Loop, Service
+from otc_common.runtime import Loop, Service, run_service
 from otc_common.settings import config_exit, settings_or_exit
 from otc_watcher_evm import follow, heads
 from otc_watcher_evm.rpc import EvmRpc
@@ -60,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="chain-watcher-evm")
     parser.add_argument("--chain", required=True, help="registry id of the chain to follow, e.g. ETH")
     args = parser.parse_args()
-    asyncio.run(serve(args.chain))
+    run_service(serve(args.chain))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ identical events, which JetStream deduplicates by their fact-derived ids.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from otc_common import chainwatch, watchset
@@ -15,7 +14,7 @@ from otc_common.db import Connection
 from otc_common.electrum import ElectrumClient
 from otc_common.messages import Envelope, Message
 from otc_common.registry import ChainKind
-from otc_common.runtime import Loop, Service
+from otc_common.runtime import Loop, Service, run_service
 from otc_common.settings import config_exit, settings_or_exit
 from otc_watcher_utxo import metrics, rules, store
 from otc_watcher_utxo.settings import WatcherSettings
@@ -96,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="chain-watcher-utxo")
     parser.add_argument("--chain", required=True, help="registry id of the chain to follow, e.g. UNICITY")
     args = parser.parse_args()
-    asyncio.run(serve(args.chain))
+    run_service(serve(args.chain))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 from otc_common import subjects
-from otc_common.runtime import Loop, Service
+from otc_common.runtime import Loop, Service, run_service
 from otc_common.settings import settings_or_exit
 from otc_common.subjects import ConsumerSpec
 from otc_engine import notify
@@ -62,7 +61,7 @@ async def serve() -> None:
 
 
 def main() -> None:
-    asyncio.run(serve())
+    run_service(serve())
 
 
 if __name__ == "__main__":

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from otc_common.runtime import Service
+from otc_common.runtime import Service, run_service
 from otc_common.settings import ConfigError, config_exit, settings_or_exit
 from otc_queue.processor import Processor
 from otc_queue.settings import QueueSettings, load_signing_seed
@@ -31,7 +29,7 @@ async def serve() -> None:
 
 
 def main() -> None:
-    asyncio.run(serve())
+    run_service(serve())
 
 
 if __name__ == "__main__":

@@ -84,7 +84,12 @@ def confirmations_spec(chain: str) -> ConsumerSpec:
     )
 
 
-DEALS = ConsumerSpec(durable="queue-processor-deals", stream="DEALS", filter_subjects=[subjects.ALL_DEALS])
+DEALS = ConsumerSpec(
+    durable="queue-processor-deals",
+    stream="DEALS",
+    filter_subjects=[subjects.ALL_DEALS],
+    types=frozenset({EscrowAssigned.TYPE, PartyDetailsFilled.TYPE}),
+)
 
 #: Without news from its chain, a sender's transactions in flight are looked at every this many sweeps.
 IN_FLIGHT_RECHECK_SWEEPS = 5
@@ -104,6 +109,8 @@ class RunNotes:
         self.wakes: list[tuple[SenderKey, bool, bool]] = []
         #: The candidate each transaction id of the run belongs to, by (chain, txid); None: not one of ours.
         self.owners: dict[SenderKey, asyncpg.Record | None] = {}
+        #: The senders with queued transfers of each deal the run's deal events are about.
+        self.open_senders: dict[str, list[SenderKey]] = {}
 
     def wake(self, key: SenderKey, *, sign: bool = False, check: bool = False) -> None:
         self.wakes.append((key, sign, check))
@@ -111,6 +118,7 @@ class RunNotes:
     def clear(self) -> None:
         self.wakes.clear()
         self.owners.clear()
+        self.open_senders.clear()
 
 
 TouchingHandler = Callable[[Connection, Envelope, Message, RunNotes], Awaitable[None]]
@@ -264,7 +272,9 @@ class Processor:
                 self.backends[chain.id] = backend
             elif chain.kind is ChainKind.UTXO:
                 self.utxo[chain.id] = await self._utxo_payouts(chain)
-        consumers: list[tuple[ConsumerSpec, TouchingHandler, RunPreparer | None]] = [(DEALS, self.on_deal, None)]
+        consumers: list[tuple[ConsumerSpec, TouchingHandler, RunPreparer | None]] = [
+            (DEALS, self.on_deal, self.read_open_senders)
+        ]
         for chain_id in sorted(self.registry.chains):
             consumers.append((commands_spec(chain_id), self.on_command, None))
             consumers.append((confirmations_spec(chain_id), self.on_confirmation, self.read_owners))
@@ -462,6 +472,13 @@ class Processor:
             for txid in txids:
                 notes.owners[(chain, txid)] = found.get(txid)
 
+    async def read_open_senders(self, conn: Connection, messages: Sequence[Message], notes: RunNotes) -> None:
+        """The senders a run's deal events may unblock, one statement for the run. (Transfers come from another
+        consumer's commands, so what a run's own events do leaves them as read here.)"""
+        deal_ids = sorted({m.deal_id for m in messages if isinstance(m, EscrowAssigned | PartyDetailsFilled)})
+        if deal_ids:
+            notes.open_senders.update(await store.open_senders_of_deals(conn, deal_ids))
+
     async def on_deal(self, conn: Connection, envelope: Envelope, message: Message, notes: RunNotes) -> None:
         if isinstance(message, EscrowAssigned):
             chain = self.registry.chains.get(message.chain)
@@ -495,7 +512,8 @@ class Processor:
                 )
         else:
             return
-        for key in await store.open_senders_of_deal(conn, message.deal_id):
+        # A command that arrived before this fact waits for it: its sender is woken now.
+        for key in notes.open_senders.get(message.deal_id, []):
             notes.wake(key, sign=True)
 
     # ----------------------------------------------------------------- signing

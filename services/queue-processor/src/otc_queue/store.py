@@ -18,9 +18,18 @@ from otc_queue.rules import Candidate, EscrowFact, Outflow, PartyFact, TransferO
 
 async def add_escrow(conn: Connection, msg: EscrowAssigned) -> asyncpg.Record | None:
     """Stores the escrow; returns the row already there when it differs (the first one stays)."""
-    await conn.execute(
-        """INSERT INTO deal_escrows (chain, address, deal_id, party, asset, escrow_index)
-           VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (chain, address) DO NOTHING""",
+    # One round trip: the row inserted, or else the one that was there (the insert is not visible to the
+    # statement's own read of the table).
+    row = await conn.fetchrow(
+        """WITH stored AS (
+               INSERT INTO deal_escrows (chain, address, deal_id, party, asset, escrow_index)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (chain, address) DO NOTHING
+               RETURNING deal_id, party, asset, escrow_index
+           )
+           SELECT * FROM stored
+           UNION ALL
+           SELECT deal_id, party, asset, escrow_index FROM deal_escrows
+           WHERE chain = $1 AND address = $2 AND NOT EXISTS (SELECT FROM stored)""",
         msg.chain,
         msg.address,
         msg.deal_id,
@@ -28,7 +37,6 @@ async def add_escrow(conn: Connection, msg: EscrowAssigned) -> asyncpg.Record | 
         msg.asset,
         msg.escrow_index,
     )
-    row = await conn.fetchrow("SELECT * FROM deal_escrows WHERE chain = $1 AND address = $2", msg.chain, msg.address)
     assert row is not None
     same = (row["deal_id"], row["party"], row["asset"], row["escrow_index"]) == (
         msg.deal_id,
@@ -45,19 +53,24 @@ async def add_party(conn: Connection, msg: PartyDetailsFilled) -> asyncpg.Record
     A version without addresses (from a producer older than the fields) decides nothing and is
     completed by the first one that has them.
     """
-    await conn.execute(
-        """INSERT INTO deal_parties (deal_id, party, payback_address, recipient_address)
-           VALUES ($1, $2, $3, $4)
-           ON CONFLICT (deal_id, party) DO UPDATE
-               SET payback_address = EXCLUDED.payback_address, recipient_address = EXCLUDED.recipient_address
-               WHERE deal_parties.payback_address = '' AND deal_parties.recipient_address = ''""",
+    # One round trip, as in add_escrow: the row written, or else the one that stays.
+    row = await conn.fetchrow(
+        """WITH stored AS (
+               INSERT INTO deal_parties (deal_id, party, payback_address, recipient_address)
+               VALUES ($1, $2, $3, $4)
+               ON CONFLICT (deal_id, party) DO UPDATE
+                   SET payback_address = EXCLUDED.payback_address, recipient_address = EXCLUDED.recipient_address
+                   WHERE deal_parties.payback_address = '' AND deal_parties.recipient_address = ''
+               RETURNING payback_address, recipient_address
+           )
+           SELECT * FROM stored
+           UNION ALL
+           SELECT payback_address, recipient_address FROM deal_parties
+           WHERE deal_id = $1 AND party = $2 AND NOT EXISTS (SELECT FROM stored)""",
         msg.deal_id,
         msg.party.value,
         msg.payback_address,
         msg.recipient_address,
-    )
-    row = await conn.fetchrow(
-        "SELECT * FROM deal_parties WHERE deal_id = $1 AND party = $2", msg.deal_id, msg.party.value
     )
     assert row is not None
     incoming = (msg.payback_address, msg.recipient_address)
@@ -100,11 +113,17 @@ async def deal_facts(
     return escrow, parties
 
 
-async def open_senders_of_deal(conn: Connection, deal_id: str) -> list[tuple[str, str]]:
+async def open_senders_of_deals(conn: Connection, deal_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """The senders with queued transfers of each of the deals (deals without any are left out)."""
     rows = await conn.fetch(
-        "SELECT DISTINCT chain, escrow_address FROM transfers WHERE deal_id = $1 AND status = 'QUEUED'", deal_id
+        """SELECT DISTINCT deal_id, chain, escrow_address FROM transfers
+           WHERE deal_id = ANY($1::text[]) AND status = 'QUEUED'""",
+        deal_ids,
     )
-    return [(row["chain"], row["escrow_address"]) for row in rows]
+    found: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        found.setdefault(row["deal_id"], []).append((row["chain"], row["escrow_address"]))
+    return found
 
 
 # --------------------------------------------------------------------------- transfers

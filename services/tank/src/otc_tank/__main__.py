@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from otc_common.registry import load_registry
-from otc_common.runtime import Service
+from otc_common.runtime import Service, run_service
 from otc_common.settings import ConfigError, config_exit, settings_or_exit
 from otc_common.subjects import ConsumerSpec
 from otc_tank.funding import Tank
@@ -35,7 +33,7 @@ async def serve() -> None:
 
 
 def main() -> None:
-    asyncio.run(serve())
+    run_service(serve())
 
 
 if __name__ == "__main__":
