@@ -21,6 +21,7 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
@@ -111,6 +112,12 @@ class RunNotes:
         self.owners: dict[SenderKey, asyncpg.Record | None] = {}
         #: The senders with queued transfers of each deal the run's deal events are about.
         self.open_senders: dict[str, list[SenderKey]] = {}
+        #: The transfer ids the run's commands stored first.
+        self.new_transfers: set[str] = set()
+        #: Where transfers stand below the threshold (the latest report of the run each), written at its end.
+        self.standings: dict[str, tuple[store.Standing, str, str, str | None]] = {}
+        #: The blocks candidates were seen mined in, by chain and txid, written at the run's end.
+        self.mined: dict[str, dict[str, tuple[int, str | None]]] = {}
 
     def wake(self, key: SenderKey, *, sign: bool = False, check: bool = False) -> None:
         self.wakes.append((key, sign, check))
@@ -119,10 +126,26 @@ class RunNotes:
         self.wakes.clear()
         self.owners.clear()
         self.open_senders.clear()
+        self.new_transfers.clear()
+        self.standings.clear()
+        self.mined.clear()
 
 
 TouchingHandler = Callable[[Connection, Envelope, Message, RunNotes], Awaitable[None]]
-RunPreparer = Callable[[Connection, Sequence[Message], RunNotes], Awaitable[None]]
+RunPreparer = Callable[[Connection, Sequence[tuple[Envelope, Message]], RunNotes], Awaitable[None]]
+RunFinisher = Callable[[Connection, RunNotes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RunSteps:
+    """A consumer's handler and, around it, what is done once per run of events: `prepare` reads or writes for
+    the run's new events with a statement or two before they are handled, `finish` writes what the handler
+    noted before the run commits. On the queue processor's busy event loop every round trip costs a turn of
+    the loop, so a consumer that makes one per event falls behind."""
+
+    handle: TouchingHandler
+    prepare: RunPreparer | None = None
+    finish: RunFinisher | None = None
 
 
 def canonical_address(chain: Chain, text: str) -> str | None:
@@ -137,24 +160,14 @@ def canonical_address(chain: Chain, text: str) -> str | None:
 
 
 class WakingRunner(ConsumerRunner):
-    """A consumer whose handler notes the senders it touched; they are woken after the commit.
+    """A consumer whose handler notes the senders it touched; they are woken after the commit."""
 
-    `prepare`, if given, reads what the run's fresh events need with a statement or two, before they are handled."""
-
-    def __init__(
-        self,
-        bus: Bus,
-        pool: Pool,
-        spec: ConsumerSpec,
-        handler: TouchingHandler,
-        processor: Processor,
-        prepare: RunPreparer | None = None,
-    ):
+    def __init__(self, bus: Bus, pool: Pool, spec: ConsumerSpec, steps: RunSteps, processor: Processor):
         self._notes = RunNotes()
-        self._prepare = prepare
+        self._steps = steps
 
         async def run(conn: Connection, envelope: Envelope, message: Message) -> None:
-            await handler(conn, envelope, message, self._notes)
+            await steps.handle(conn, envelope, message, self._notes)
 
         super().__init__(bus, pool, spec, run)
         self._processor = processor
@@ -163,8 +176,12 @@ class WakingRunner(ConsumerRunner):
         self._notes.clear()
 
     async def before_handling(self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]]) -> None:
-        if self._prepare is not None:
-            await self._prepare(conn, [message for _, message in fresh], self._notes)
+        if self._steps.prepare is not None:
+            await self._steps.prepare(conn, fresh, self._notes)
+
+    async def before_commit(self, conn: Connection) -> None:
+        if self._steps.finish is not None:
+            await self._steps.finish(conn, self._notes)
 
     def after_transaction(self) -> None:
         for (chain, sender), sign, check in self._notes.wakes:
@@ -272,15 +289,18 @@ class Processor:
                 self.backends[chain.id] = backend
             elif chain.kind is ChainKind.UTXO:
                 self.utxo[chain.id] = await self._utxo_payouts(chain)
-        consumers: list[tuple[ConsumerSpec, TouchingHandler, RunPreparer | None]] = [
-            (DEALS, self.on_deal, self.read_open_senders)
-        ]
+        consumers: list[tuple[ConsumerSpec, RunSteps]] = [(DEALS, RunSteps(self.on_deal, self.read_open_senders))]
         for chain_id in sorted(self.registry.chains):
-            consumers.append((commands_spec(chain_id), self.on_command, None))
-            consumers.append((confirmations_spec(chain_id), self.on_confirmation, self.read_owners))
-        for spec, handler, prepare in consumers:
+            consumers.append((commands_spec(chain_id), RunSteps(self.on_command, self.record_commands)))
+            consumers.append(
+                (
+                    confirmations_spec(chain_id),
+                    RunSteps(self.on_confirmation, self.read_owners, self.record_standings),
+                )
+            )
+        for spec, steps in consumers:
             await self.service.nats.provision_consumer(spec)
-            self.service.consumers.append(WakingRunner(self.service.nats, self.pool, spec, handler, self, prepare))
+            self.service.consumers.append(WakingRunner(self.service.nats, self.pool, spec, steps, self))
         log.info("signing for chains", extra={"chains": sorted([*self.backends, *self.utxo])})
 
     async def _utxo_payouts(self, chain: Chain) -> UtxoPayouts:
@@ -396,14 +416,31 @@ class Processor:
 
     # ----------------------------------------------------------------- bus handlers
 
+    def _command_of(self, message: PayoutCommand) -> tuple[Chain | None, str | None, PayoutCommand]:
+        """The command's chain and sending address (None if unknown or malformed), and the command with that
+        address spelled canonically."""
+        chain = self.registry.chains.get(message.chain)
+        sender = canonical_address(chain, message.escrow_address) if chain is not None else None
+        return chain, sender, message if sender is None else _with_sender(message, sender)
+
+    async def record_commands(
+        self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes
+    ) -> None:
+        """Stores a run's new commands with one statement; the handler then looks at each."""
+        received = datetime.now(UTC)
+        commands = [
+            (self._command_of(message)[2], envelope.occurred_at, received)
+            for envelope, message in fresh
+            if isinstance(message, PayoutCommand)
+        ]
+        if commands:
+            notes.new_transfers = await store.add_transfers(conn, commands)
+
     async def on_command(self, conn: Connection, envelope: Envelope, message: Message, notes: RunNotes) -> None:
         if not isinstance(message, PayoutCommand):
             return
-        chain = self.registry.chains.get(message.chain)
-        sender = canonical_address(chain, message.escrow_address) if chain is not None else None
-        received = datetime.now(UTC)
-        cmd = message if sender is None else _with_sender(message, sender)
-        if not await store.add_transfer(conn, cmd, envelope.occurred_at, received):
+        chain, sender, cmd = self._command_of(message)
+        if message.transfer_id not in notes.new_transfers:
             existing = await store.transfer(conn, message.transfer_id)
             if existing is not None and store.order_of(existing) != _order(cmd):
                 await self._alert_in(
@@ -414,6 +451,7 @@ class Processor:
                     message.deal_id,
                 )
             return
+        notes.new_transfers.discard(message.transfer_id)  # a second command with the id later in the run is not new
         log.info(
             "command received",
             extra={
@@ -448,22 +486,48 @@ class Processor:
         )
         if progress:
             # On its way to the threshold the watcher's count is the progress: the sender's worker reads the node
-            # when the transaction is reported at the threshold, or unmined. (The transfer's row before the
-            # candidate's, as the workers take them, so that a run of these never deadlocks with a worker.)
+            # when the transaction is reported at the threshold, or unmined. Written when the run ends.
+            assert message.block_number is not None
             self.looked_at[(message.chain, owner["escrow_address"])] = time.monotonic()
-            await self._progress_in(conn, owner, message)
+            standing = store.Standing(owner["transfer_id"], txid, message.block_number, message.confirmations)
+            notes.standings[owner["transfer_id"]] = (standing, owner["deal_id"], message.chain, message.block_hash)
         noted = (owner["mined_block"], owner["mined_hash"]) == (message.block_number, message.block_hash)
         if message.confirmations > 0 and message.block_number is not None and not noted:
             # Remembered (once per block) so that, should a reorg unmine it, these same bytes go out again.
-            await kind.note_mined(conn, txid, message.block_number, message.block_hash)
+            notes.mined.setdefault(message.chain, {})[txid] = (message.block_number, message.block_hash)
         if not progress:
             notes.wake((message.chain, owner["escrow_address"]), check=True)
 
-    async def read_owners(self, conn: Connection, messages: Sequence[Message], notes: RunNotes) -> None:
+    async def record_standings(self, conn: Connection, notes: RunNotes) -> None:
+        """Writes what a run of confirmations noted: transfers' standings (each change reported once), then the
+        blocks candidates were mined in (the transfer rows before the candidate rows, as the workers take them,
+        so that a run never deadlocks with a worker)."""
+        if notes.standings:
+            changed = await store.set_standings(conn, [standing for standing, _, _, _ in notes.standings.values()])
+            for transfer_id in sorted(changed):
+                standing, deal_id, chain, block_hash = notes.standings[transfer_id]
+                await emit(
+                    conn,
+                    subjects.queue_result(chain),
+                    TransferProgress(
+                        transfer_id=transfer_id,
+                        deal_id=deal_id,
+                        chain=chain,
+                        txid=standing.txid,
+                        confirmations=standing.confirmations,
+                    ),
+                    event_id=stable_event_id(
+                        "queue", "progress", transfer_id, standing.txid, block_hash, standing.confirmations
+                    ),
+                )
+        for chain, mined in notes.mined.items():
+            await (utxo_store if chain in self.utxo else store).note_mined_many(conn, mined)
+
+    async def read_owners(self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes) -> None:
         """The candidates a run's confirmations are about, one statement per chain instead of one per event. (A
         transaction is stored before it is broadcast, so one the watcher saw mined is here if it is ours.)"""
         by_chain: dict[str, set[str]] = {}
-        for message in messages:
+        for _, message in fresh:
             if isinstance(message, TxConfirmation):
                 by_chain.setdefault(message.chain, set()).add(message.txid.lower())
         for chain, txids in by_chain.items():
@@ -472,10 +536,12 @@ class Processor:
             for txid in txids:
                 notes.owners[(chain, txid)] = found.get(txid)
 
-    async def read_open_senders(self, conn: Connection, messages: Sequence[Message], notes: RunNotes) -> None:
+    async def read_open_senders(
+        self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes
+    ) -> None:
         """The senders a run's deal events may unblock, one statement for the run. (Transfers come from another
         consumer's commands, so what a run's own events do leaves them as read here.)"""
-        deal_ids = sorted({m.deal_id for m in messages if isinstance(m, EscrowAssigned | PartyDetailsFilled)})
+        deal_ids = sorted({m.deal_id for _, m in fresh if isinstance(m, EscrowAssigned | PartyDetailsFilled)})
         if deal_ids:
             notes.open_senders.update(await store.open_senders_of_deals(conn, deal_ids))
 
@@ -748,19 +814,6 @@ class Processor:
                 confirmations,
             )
             await store.note_mined(conn, receipt.txid, receipt.block_number, receipt.block_hash)
-
-    async def _progress_in(self, conn: Connection, owner: asyncpg.Record, seen: TxConfirmation) -> None:
-        assert seen.block_number is not None
-        await self._standing_in(
-            conn,
-            owner["transfer_id"],
-            owner["deal_id"],
-            seen.chain,
-            seen.txid.lower(),
-            seen.block_number,
-            seen.block_hash,
-            seen.confirmations,
-        )
 
     async def _standing_in(
         self,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
@@ -144,28 +145,35 @@ def order_of(row: asyncpg.Record) -> TransferOrder:
     )
 
 
-async def add_transfer(conn: Connection, cmd: PayoutCommand, commanded_at: datetime, received_at: datetime) -> bool:
-    """True when the command is new; a repeated transfer id changes nothing."""
-    inserted = await conn.fetchval(
+async def add_transfers(conn: Connection, commands: Sequence[tuple[PayoutCommand, datetime, datetime]]) -> set[str]:
+    """Stores a run of commands, (command, commanded at, received at), in one statement: the ids of those that
+    were new. A repeated transfer id changes nothing; of two commands with one id in the run, the first stands."""
+    first: dict[str, tuple[PayoutCommand, datetime, datetime]] = {}
+    for item in commands:
+        first.setdefault(item[0].transfer_id, item)
+    items = list(first.values())
+    rows = await conn.fetch(
         """INSERT INTO transfers (transfer_id, deal_id, chain, asset, escrow_address, escrow_index, to_address,
                                   amount, purpose, fee_from_amount, phase, commanded_at, received_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-           ON CONFLICT (transfer_id) DO NOTHING RETURNING true""",
-        cmd.transfer_id,
-        cmd.deal_id,
-        cmd.chain,
-        cmd.asset,
-        cmd.escrow_address,
-        cmd.escrow_index,
-        cmd.to,
-        cmd.amount,
-        cmd.purpose.value,
-        cmd.fee_from_amount,
-        cmd.phase,
-        commanded_at,
-        received_at,
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
+                                $8::numeric[], $9::text[], $10::boolean[], $11::int[], $12::timestamptz[],
+                                $13::timestamptz[])
+           ON CONFLICT (transfer_id) DO NOTHING RETURNING transfer_id""",
+        [cmd.transfer_id for cmd, _, _ in items],
+        [cmd.deal_id for cmd, _, _ in items],
+        [cmd.chain for cmd, _, _ in items],
+        [cmd.asset for cmd, _, _ in items],
+        [cmd.escrow_address for cmd, _, _ in items],
+        [cmd.escrow_index for cmd, _, _ in items],
+        [cmd.to for cmd, _, _ in items],
+        [cmd.amount for cmd, _, _ in items],
+        [cmd.purpose.value for cmd, _, _ in items],
+        [cmd.fee_from_amount for cmd, _, _ in items],
+        [cmd.phase for cmd, _, _ in items],
+        [commanded for _, commanded, _ in items],
+        [received for _, _, received in items],
     )
-    return bool(inserted)
+    return {row["transfer_id"] for row in rows}
 
 
 async def transfer(conn: Connection | Pool, transfer_id: str) -> asyncpg.Record | None:
@@ -406,6 +414,49 @@ async def candidate_owners(conn: Connection, chain: str, txids: list[str]) -> di
 async def note_mined(conn: Connection, txid: str, block_number: int | None, block_hash: str | None) -> None:
     await conn.execute(
         "UPDATE candidates SET mined_block = $2, mined_hash = $3 WHERE txid = $1", txid, block_number, block_hash
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """Where a signed transfer stands on its way to the threshold, as its chain's watcher reported it."""
+
+    transfer_id: str
+    txid: str
+    block_number: int
+    confirmations: int
+
+
+async def set_standings(conn: Connection, standings: Sequence[Standing]) -> set[str]:
+    """`set_standing` for several transfers in two statements: the ids whose standing changed. The rows are
+    locked in id order first, so that runs doing this side by side never deadlock."""
+    ids = sorted({s.transfer_id for s in standings})
+    await conn.execute("SELECT FROM transfers WHERE transfer_id = ANY($1::text[]) ORDER BY transfer_id FOR UPDATE", ids)
+    rows = await conn.fetch(
+        """UPDATE transfers AS t SET txid = u.txid, block_number = u.block_number, confirmations = u.confirmations
+           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[])
+                AS u(transfer_id, txid, block_number, confirmations)
+           WHERE t.transfer_id = u.transfer_id AND t.status = 'SIGNED'
+             AND (t.txid IS DISTINCT FROM u.txid OR t.block_number IS DISTINCT FROM u.block_number
+                  OR t.confirmations <> u.confirmations)
+           RETURNING t.transfer_id""",
+        [s.transfer_id for s in standings],
+        [s.txid for s in standings],
+        [s.block_number for s in standings],
+        [s.confirmations for s in standings],
+    )
+    return {row["transfer_id"] for row in rows}
+
+
+async def note_mined_many(conn: Connection, mined: Mapping[str, tuple[int, str | None]]) -> None:
+    """`note_mined` for several candidates (txid: block number, block hash) in one statement."""
+    await conn.execute(
+        """UPDATE candidates AS c SET mined_block = u.block_number, mined_hash = u.block_hash
+           FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(txid, block_number, block_hash)
+           WHERE c.txid = u.txid""",
+        list(mined),
+        [number for number, _ in mined.values()],
+        [block_hash for _, block_hash in mined.values()],
     )
 
 

@@ -6,7 +6,7 @@ the functions of `store`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -210,4 +210,19 @@ async def note_mined(conn: Connection, txid: str, block_number: int | None, bloc
         txid,
         block_number,
         block_hash,
+    )
+
+
+async def note_mined_many(conn: Connection, mined: Mapping[str, tuple[int, str | None]]) -> None:
+    """`note_mined` for several candidates (txid: block number, block hash) in one statement."""
+    await conn.execute(
+        """UPDATE utxo_candidates AS c
+           SET mined_hash = CASE WHEN c.mined_block IS NOT DISTINCT FROM u.block_number
+                                 THEN coalesce(u.block_hash, c.mined_hash) ELSE u.block_hash END,
+               mined_block = u.block_number
+           FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(txid, block_number, block_hash)
+           WHERE c.txid = u.txid""",
+        list(mined),
+        [number for number, _ in mined.values()],
+        [block_hash for _, block_hash in mined.values()],
     )
