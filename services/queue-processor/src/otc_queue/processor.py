@@ -15,6 +15,7 @@ nonces: their workers hand both steps to `utxo_flow`, which reserves escrow outp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ from otc_common import metrics as common_metrics
 from otc_common import subjects
 from otc_common.addresses import AddressError, evm_checksum_address, validate_utxo_address
 from otc_common.bus import Bus, ConsumerRunner, emit
-from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
+from otc_common.db import DATABASE_TRANSIENT, Connection, Pool, create_pool
 from otc_common.electrum import ElectrumClient
 from otc_common.keys import EscrowKeyring
 from otc_common.messages import (
@@ -220,7 +221,9 @@ class Worker:
                         self.sign_due = False
                         await self.processor.sign_queued(self)
         except TRANSIENT as exc:
-            # The sweep wakes this sender again; nothing is lost, the database holds the state.
+            # The sweep wakes this sender again, at its next round rather than after the in-flight recheck interval;
+            # nothing is lost, the database holds the state.
+            self.processor.looked_at.pop((self.chain, self.sender), None)
             log.warning(
                 "sender work interrupted: %s",
                 exc,
@@ -258,10 +261,15 @@ class Processor:
         self._last_send: dict[str, Sent] = {}
         self.stopping = False
         self._deals: OrderedDict[SenderKey, tuple[rules.EscrowFact, dict[Party, PartyFact]]] = OrderedDict()
+        self._senders_db: Pool | None = None
 
     @property
     def pool(self) -> Pool:
-        return self.service.db
+        """The sending workers' and the sweep's connections. The consumers have the service's own: a busy sender
+        pool once kept each consumer run waiting a quarter of a second for a connection, and commands and
+        confirmations fell ten seconds behind."""
+        assert self._senders_db is not None, "processor not started"
+        return self._senders_db
 
     @property
     def registry(self) -> Registry:
@@ -271,6 +279,10 @@ class Processor:
     # ----------------------------------------------------------------- start-up
 
     async def start(self) -> None:
+        assert self.service.schema is not None
+        self._senders_db = await create_pool(
+            self.service.settings.database_url, self.service.schema, max_size=self.settings.sender_db_pool_size
+        )
         for chain in self.registry.chains.values():
             self.facts[chain.id] = ChainFacts(
                 id=chain.id,
@@ -300,7 +312,7 @@ class Processor:
             )
         for spec, steps in consumers:
             await self.service.nats.provision_consumer(spec)
-            self.service.consumers.append(WakingRunner(self.service.nats, self.pool, spec, steps, self))
+            self.service.consumers.append(WakingRunner(self.service.nats, self.service.db, spec, steps, self))
         log.info("signing for chains", extra={"chains": sorted([*self.backends, *self.utxo])})
 
     async def _utxo_payouts(self, chain: Chain) -> UtxoPayouts:
@@ -356,6 +368,8 @@ class Processor:
                 await backend.close()
             for payouts in self.utxo.values():
                 await payouts.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), timeout=5)
 
     def stop(self) -> None:
         """On SIGTERM: no new steps; a step under way finishes or is cut off, the database decides which."""

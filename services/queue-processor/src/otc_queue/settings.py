@@ -18,6 +18,14 @@ class QueueSettings(BaseSettings, frozen=True, kw_only=True):
         int,
         msgspec.Meta(ge=1, le=10_000, description="how many sending addresses are worked on at once"),
     ] = 1000
+    sender_db_pool_size: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            le=200,
+            description="database connections of the sending workers, apart from OTC_DB_POOL_SIZE's for the consumers",
+        ),
+    ] = 10
     poll_seconds: Annotated[
         float,
         # At most 60: the sweep's heartbeat is what the liveness probe watches.

@@ -28,6 +28,8 @@ from otc_queue.utxo_rules import Coin, Leg, Seen, Terms, coins_to_sats, fee_rate
 from otc_queue.utxo_tx import EscrowKey, SignedTx, sign_spend
 
 KEY_CACHE_SIZE = 4096
+#: Reads of an escrow's history, each between two reads of the tip, before a look gives up for now.
+LOOK_ATTEMPTS = 3
 _TXID_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
@@ -180,12 +182,16 @@ class UtxoBackend:
 
         The same tip must be there before and after the history is read. A reorg in between would leave the height
         of a transaction it dropped next to the new branch's higher tip, and the dropped payout would count as
-        confirmed, for good. A tip that moved only means reading again at the next look.
+        confirmed, for good. A tip that moved only means reading again (with blocks a second apart and a busy
+        server, one in five looks saw a new block; giving up until the next look kept payouts 10 s longer).
         """
-        before = await self._tip_block()
-        history = await self._call("blockchain.scripthash.get_history", self.scripthash(address))
-        tip, header = await self._tip_block()
-        if (tip, header) != before:
+        for _ in range(LOOK_ATTEMPTS):
+            before = await self._tip_block()
+            history = await self._call("blockchain.scripthash.get_history", self.scripthash(address))
+            tip, header = await self._tip_block()
+            if (tip, header) == before:
+                break
+        else:
             raise RpcUnavailable("the tip moved while the escrow's history was read; it is read again")
         if not isinstance(history, list):
             raise RpcUnavailable("blockchain.scripthash.get_history: unexpected answer")
