@@ -25,7 +25,7 @@ class QueueSettings(BaseSettings, frozen=True, kw_only=True):
             le=200,
             description="database connections of the sending workers, apart from OTC_DB_POOL_SIZE's for the consumers",
         ),
-    ] = 10
+    ] = 25
     poll_seconds: Annotated[
         float,
         # At most 60: the sweep's heartbeat is what the liveness probe watches.
