@@ -304,22 +304,24 @@ async def test_cancelled_deal_mails_both_parties_once_across_restart_and_replay(
     engine = mail_stack.engines[0]
     await engine.stop()
     conn = await engine_db(mail_stack)
+    nc = await nats.connect(service_env["OTC_NATS_URL"])
     try:
         await conn.execute("DELETE FROM inbox WHERE consumer = 'engine-notify'")
-        nc = await nats.connect(service_env["OTC_NATS_URL"])
         js = nc.jetstream()
         await js.delete_consumer("DEALS", "engine-notify")
-        in_stream = (await js.stream_info("DEALS")).state.messages
-        await nc.close()
+        last = (await js.stream_info("DEALS")).state.last_seq
         await engine.start()
 
         async def replayed() -> bool:
-            handled = await conn.fetchval("SELECT count(*) FROM inbox WHERE consumer = 'engine-notify'")
-            return bool(handled == in_stream)
+            # Every event delivered again and acknowledged (only those e-mails are about reach the inbox).
+            info = await js.consumer_info("DEALS", "engine-notify")
+            return bool(info.delivered.stream_seq >= last and info.num_ack_pending == 0 and info.num_pending == 0)
 
         await wait_for(replayed, "the replay of the DEALS stream")
+        assert await conn.fetchval("SELECT count(*) FROM inbox WHERE consumer = 'engine-notify'") > 0
         rows = await conn.fetch("SELECT recipient, kind, status FROM email_outbox ORDER BY recipient")
     finally:
+        await nc.close()
         await conn.close()
     assert [tuple(r.values()) for r in rows] == [
         ("alice@example.com", "CANCELLED", "SENT"),

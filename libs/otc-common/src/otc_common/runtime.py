@@ -65,6 +65,8 @@ class Service:
         self.migrations_package = migrations_package
         self.extra_migrations = list(extra_migrations)
         self.pool: Pool | None = None
+        #: Further pools of the service's own (open_pool), closed with it.
+        self._pools: list[Pool] = []
         self.bus: Bus | None = None
         self.registry: Registry | None = None
         self.relay: OutboxRelay | None = None
@@ -92,6 +94,14 @@ class Service:
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         self._on_stop.append(callback)
+
+    async def open_pool(self, max_size: int) -> Pool:
+        """A further pool on the service's schema, closed when the service stops: work that would otherwise keep
+        the consumers waiting for a connection gets its own (call from `setup`)."""
+        assert self.schema is not None, "the service has no database"
+        pool = await create_pool(self.settings.database_url, self.schema, max_size=max_size)
+        self._pools.append(pool)
+        return pool
 
     @property
     def db(self) -> Pool:
@@ -234,9 +244,9 @@ class Service:
         if self.bus is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.bus.close(), timeout=5)
-        if self.pool is not None:
+        for pool in [*self._pools, *([self.pool] if self.pool is not None else [])]:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pool.close(), timeout=5)
+                await asyncio.wait_for(pool.close(), timeout=5)
         if self._http is not None:
             self._http.close()
         log.info("stopped")

@@ -17,7 +17,7 @@ class QueueSettings(BaseSettings, frozen=True, kw_only=True):
     concurrent_senders: Annotated[
         int,
         msgspec.Meta(ge=1, le=10_000, description="how many sending addresses are worked on at once"),
-    ] = 1000
+    ] = 50
     sender_db_pool_size: Annotated[
         int,
         msgspec.Meta(

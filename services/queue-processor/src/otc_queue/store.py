@@ -186,11 +186,20 @@ async def lock_transfer(conn: Connection, transfer_id: str) -> asyncpg.Record | 
 
 async def head_queued(conn: Connection | Pool, chain: str, sender: str) -> asyncpg.Record | None:
     """The sender's oldest transfer not signed yet: a sender's transfers are signed in arrival order."""
-    return await conn.fetchrow(
-        """SELECT * FROM transfers WHERE chain = $1 AND escrow_address = $2 AND status = 'QUEUED'
-           ORDER BY received_at, transfer_id LIMIT 1""",
-        chain,
-        sender,
+    rows = await queued(conn, chain, sender, 1)
+    return rows[0] if rows else None
+
+
+async def queued(conn: Connection | Pool, chain: str, sender: str, limit: int) -> list[asyncpg.Record]:
+    """The sender's oldest transfers not signed yet, oldest first, at most `limit`."""
+    return list(
+        await conn.fetch(
+            """SELECT * FROM transfers WHERE chain = $1 AND escrow_address = $2 AND status = 'QUEUED'
+               ORDER BY received_at, transfer_id LIMIT $3""",
+            chain,
+            sender,
+            limit,
+        )
     )
 
 
@@ -326,6 +335,7 @@ class StoredCandidate(msgspec.Struct, frozen=True, kw_only=True):
     plan: TxPlan
     signed_at: datetime
     mined_block: int | None
+    mined_hash: str | None = None
 
     def view(self) -> Candidate:
         return Candidate(
@@ -363,6 +373,7 @@ def _candidate(row: asyncpg.Record) -> StoredCandidate:
         ),
         signed_at=row["signed_at"],
         mined_block=row["mined_block"],
+        mined_hash=row["mined_hash"],
     )
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import httpx
+import msgspec
 
 from otc_common import subjects
 from otc_common.db import Connection, Pool
@@ -79,6 +80,14 @@ class Notifications:
     def pool(self) -> Pool:
         return self.service.db
 
+    def consumer_spec(self) -> ConsumerSpec:
+        """Webhooks hear of every deal event, e-mails only of these two; without either, the consumer only moves
+        on (it stays, so that turning notifications on later starts from where it is)."""
+        if self.config.webhooks is not None:
+            return NOTIFY_EVENTS
+        types = {SideFunded.TYPE, StageChanged.TYPE} if self.mailer is not None else set()
+        return msgspec.structs.replace(NOTIFY_EVENTS, types=frozenset(types))
+
     @property
     def registry(self) -> Registry:
         assert self._registry is not None, "notifications not set up"
@@ -88,7 +97,7 @@ class Notifications:
         """Call from the service's setup (database and bus are up)."""
         assert self.service.registry is not None
         self._registry = self.service.registry
-        await self.service.add_consumer(NOTIFY_EVENTS, self.handle)
+        await self.service.add_consumer(self.consumer_spec(), self.handle)
         api.methods["otc.sendInvite"] = self.send_invite
         log.info(
             "notifications ready",
