@@ -416,6 +416,12 @@ async def test_webhooks_get_every_signed_event_with_retries_log_and_redelivery(
             assert envelope["payload"]["deal_id"] == deal_id
         assert all(receiver.per_event[event_id] == 3 for event_id in events), "two failures, then delivered"
 
+        async def all_recorded() -> bool:
+            # The receiver has the last attempt before the sender has recorded its answer.
+            assert conn is not None
+            return all(d.status == "DELIVERED" for d in await notify.list_deliveries(conn, deal_id=deal_id))
+
+        await wait_for(all_recorded, "every delivery recorded")
         log = await notify.list_deliveries(conn, deal_id=deal_id)
         assert {d.event_id for d in log} == set(events)
         for delivery in log:
