@@ -465,7 +465,9 @@ class ConsumerRunner:
 
     async def before_handling(self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]]) -> None:
         """Called inside each handling transaction with the run's events not handled before, before the first is
-        handled (to read what they need at once); a failure fails the run."""
+        handled, to read what they need at once. Reads only: a run that runs out of time leaves the rest of its
+        events to the next run, so a write here could take effect for an event not handled. A failure fails the
+        run."""
 
     async def before_commit(self, conn: Connection) -> None:
         """Called inside each handling transaction once its run of events is handled; a failure fails the run."""

@@ -114,8 +114,8 @@ class RunNotes:
         self.owners: dict[SenderKey, asyncpg.Record | None] = {}
         #: The senders with queued transfers of each deal the run's deal events are about.
         self.open_senders: dict[str, list[SenderKey]] = {}
-        #: The transfer ids the run's commands stored first.
-        self.new_transfers: set[str] = set()
+        #: The run's commands, with when each was sent, stored together when the run ends.
+        self.commands: list[tuple[PayoutCommand, datetime]] = []
         #: Where transfers stand below the threshold (the latest report of the run each), written at its end.
         self.standings: dict[str, tuple[store.Standing, str, str, str | None]] = {}
         #: The blocks candidates were seen mined in, by chain and txid, written at the run's end.
@@ -128,7 +128,7 @@ class RunNotes:
         self.wakes.clear()
         self.owners.clear()
         self.open_senders.clear()
-        self.new_transfers.clear()
+        self.commands.clear()
         self.standings.clear()
         self.mined.clear()
 
@@ -140,10 +140,11 @@ RunFinisher = Callable[[Connection, RunNotes], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class RunSteps:
-    """A consumer's handler and, around it, what is done once per run of events: `prepare` reads or writes for
-    the run's new events with a statement or two before they are handled, `finish` writes what the handler
-    noted before the run commits. On the queue processor's busy event loop every round trip costs a turn of
-    the loop, so a consumer that makes one per event falls behind."""
+    """A consumer's handler and, around it, what is done once per run of events: `prepare` reads what the run's
+    new events need with a statement or two before they are handled (it must not write: a run may leave some of
+    them to the next), `finish` writes what the handler noted before the run commits. On the queue processor's
+    busy event loop every round trip costs a turn of the loop, so a consumer that makes one per event falls
+    behind."""
 
     handle: TouchingHandler
     prepare: RunPreparer | None = None
@@ -302,7 +303,7 @@ class Processor:
                 self.utxo[chain.id] = await self._utxo_payouts(chain)
         consumers: list[tuple[ConsumerSpec, RunSteps]] = [(DEALS, RunSteps(self.on_deal, self.read_open_senders))]
         for chain_id in sorted(self.registry.chains):
-            consumers.append((commands_spec(chain_id), RunSteps(self.on_command, self.record_commands)))
+            consumers.append((commands_spec(chain_id), RunSteps(self.on_command, finish=self.record_commands)))
             consumers.append(
                 (
                     confirmations_spec(chain_id),
@@ -438,50 +439,46 @@ class Processor:
         sender = canonical_address(chain, message.escrow_address) if chain is not None else None
         return chain, sender, message if sender is None else _with_sender(message, sender)
 
-    async def record_commands(
-        self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes
-    ) -> None:
-        """Stores a run's new commands with one statement; the handler then looks at each."""
-        received = datetime.now(UTC)
-        commands = [
-            (self._command_of(message)[2], envelope.occurred_at, received)
-            for envelope, message in fresh
-            if isinstance(message, PayoutCommand)
-        ]
-        if commands:
-            notes.new_transfers = await store.add_transfers(conn, commands)
-
     async def on_command(self, conn: Connection, envelope: Envelope, message: Message, notes: RunNotes) -> None:
-        if not isinstance(message, PayoutCommand):
+        if isinstance(message, PayoutCommand):
+            notes.commands.append((message, envelope.occurred_at))
+
+    async def record_commands(self, conn: Connection, notes: RunNotes) -> None:
+        """Stores a run's commands with one statement, then takes up the new ones: each is refused, or its sender
+        is woken after the commit. (Done when the run ends, so only the events the run handles take effect.)"""
+        if not notes.commands:
             return
-        chain, sender, cmd = self._command_of(message)
-        if message.transfer_id not in notes.new_transfers:
-            existing = await store.transfer(conn, message.transfer_id)
-            if existing is not None and store.order_of(existing) != _order(cmd):
-                await self._alert_in(
-                    conn,
-                    "conflicting_command",
-                    f"{message.transfer_id} commanded again with different terms; the first stands",
-                    message.chain,
-                    message.deal_id,
-                )
-            return
-        notes.new_transfers.discard(message.transfer_id)  # a second command with the id later in the run is not new
-        log.info(
-            "command received",
-            extra={
-                "transfer_id": message.transfer_id,
-                "deal_id": message.deal_id,
-                "chain": message.chain,
-                "purpose": message.purpose.value,
-                "amount": message.amount,
-            },
-        )
-        if chain is None or sender is None:
-            why = "unknown chain" if chain is None else "malformed escrow address"
-            await self._refuse_in(conn, _order(cmd), f"{why}: {message.chain} {message.escrow_address}")
-            return
-        notes.wake((chain.id, sender), sign=True)
+        received = datetime.now(UTC)
+        commands = [(message, commanded, *self._command_of(message)) for message, commanded in notes.commands]
+        new = await store.add_transfers(conn, [(cmd, commanded, received) for _, commanded, _, _, cmd in commands])
+        for message, _, chain, sender, cmd in commands:
+            if message.transfer_id not in new:
+                existing = await store.transfer(conn, message.transfer_id)
+                if existing is not None and store.order_of(existing) != _order(cmd):
+                    await self._alert_in(
+                        conn,
+                        "conflicting_command",
+                        f"{message.transfer_id} commanded again with different terms; the first stands",
+                        message.chain,
+                        message.deal_id,
+                    )
+                continue
+            new.discard(message.transfer_id)  # a second command with the id later in the run is not new
+            log.info(
+                "command received",
+                extra={
+                    "transfer_id": message.transfer_id,
+                    "deal_id": message.deal_id,
+                    "chain": message.chain,
+                    "purpose": message.purpose.value,
+                    "amount": message.amount,
+                },
+            )
+            if chain is None or sender is None:
+                why = "unknown chain" if chain is None else "malformed escrow address"
+                await self._refuse_in(conn, _order(cmd), f"{why}: {message.chain} {message.escrow_address}")
+                continue
+            notes.wake((chain.id, sender), sign=True)
 
     async def on_confirmation(self, conn: Connection, envelope: Envelope, message: Message, notes: RunNotes) -> None:
         if not isinstance(message, TxConfirmation):
