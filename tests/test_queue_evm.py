@@ -589,6 +589,28 @@ async def test_several_transfers_from_one_escrow_take_consecutive_nonces(harness
     assert await h.eth.balance(OPERATOR_EVM) - operator_before == ETH // 10
 
 
+async def test_transfers_signed_together_count_what_the_ones_before_them_take(harness: Harness) -> None:
+    h = harness
+    deal = await funded_deal(h, "d-pair", 13, ETH)
+    await h.command(deal, "p-0", TransferPurpose.SWAP_PAYOUT, 6 * ETH // 10, deal.bob_recipient)
+    await h.command(deal, "p-1", TransferPurpose.COMMISSION, 6 * ETH // 10, OPERATOR_EVM)
+    # Both commands wait in the stream, so the queue takes them in one run and signs them in one step.
+    await h.start_queue()
+    first = await h.first(TransferSubmitted, "p-0")
+    await asyncio.sleep(1.0)
+    assert not h.of(TransferSubmitted, "p-1"), "0.6 + 0.6 ETH is more than the 1 ETH confirmed"
+    assert await h.nonce(deal.escrow, "pending") == 1
+
+    await h.fund(deal.escrow, ETH)
+    await h.mine(2)
+    second = await h.first(TransferSubmitted, "p-1")
+    await h.mined(first.txid)
+    await h.mined(second.txid)
+    rows = await h.rows("SELECT transfer_id, nonce FROM transfers ORDER BY nonce")
+    assert [(r["transfer_id"], r["nonce"]) for r in rows] == [("p-0", 0), ("p-1", 1)]
+    assert await h.eth.balance(deal.bob_recipient) == 6 * ETH // 10
+
+
 async def test_command_to_broadcast_latency(harness: Harness) -> None:
     h = harness
     queue = await h.start_queue()

@@ -53,6 +53,10 @@ class ChainBackend(Protocol):
         """What signing needs from the chain (balances, fees), read before the signing transaction."""
         ...
 
+    async def read_many(self, orders: Sequence[TransferOrder], *, estimate: bool) -> list[Any | Wait]:
+        """`read` for several transfers of one sender, with the round trips of one."""
+        ...
+
     def sign_first(
         self, order: TransferOrder, reading: Any, outflows: Sequence[Outflow], next_nonce: int
     ) -> Signed | Wait | Refused:
@@ -67,6 +71,10 @@ class ChainBackend(Protocol):
 
     async def send(self, raw: bytes) -> tuple[Sent, str]:
         """Broadcasts stored bytes; the outcome and the node's words."""
+        ...
+
+    async def send_many(self, raws: Sequence[bytes]) -> list[tuple[Sent, str]]:
+        """`send` for several of one sender's transactions, in nonce order, with one request."""
         ...
 
     async def look(self, sender: str, transfers: Sequence[InFlight]) -> Seen:

@@ -1,9 +1,10 @@
 """EVM chains: reading an escrow's standing, EIP-1559 transactions signed with the escrow's key, broadcasts.
 
 The key of escrow `index` is derived from the seed on first use and kept in memory (never logged,
-never in an error message). The signing path reads the chain in two JSON-RPC batches: the latest
-block (base fee) and the suggested tip, then the escrow's balances and nonces at the latest block
-and at the newest block with the chain's threshold of confirmations.
+never in an error message). The signing path reads the chain in two JSON-RPC batches for all of a
+sender's queued transfers: the latest block (base fee), the suggested tip and the token transfers'
+gas estimates, then the escrow's balances and nonces at the latest block and at the newest block
+with the chain's threshold of confirmations; it broadcasts what it signed in one more.
 """
 
 from __future__ import annotations
@@ -111,57 +112,63 @@ class EvmBackend:
         return None if asset.native else asset.contract
 
     async def read(self, order: TransferOrder, *, estimate: bool) -> EvmReading | Wait:
-        sender = order.escrow_address
-        token = self._token(order)
+        return (await self.read_many([order], estimate=estimate))[0]
+
+    async def read_many(self, orders: Sequence[TransferOrder], *, estimate: bool) -> list[EvmReading | Wait]:
+        """What signing each of one sender's transfers needs, read for all of them at once."""
+        sender = orders[0].escrow_address
         first: list[tuple[str, list[Any]]] = [
             ("eth_getBlockByNumber", ["latest", False]),
             ("eth_maxPriorityFeePerGas", []),
         ]
-        if token is not None and estimate:
-            call = {"from": sender, "to": token, "data": "0x" + token_transfer_data(order.to, order.amount).hex()}
-            first.append(("eth_estimateGas", [call, "latest"]))
-        answers = await self.rpc.batch(first)
-        block = answers[0]
+        estimated: dict[int, int] = {}
+        for i, order in enumerate(orders):
+            token = self._token(order)
+            if token is not None and estimate:
+                call = {"from": sender, "to": token, "data": "0x" + token_transfer_data(order.to, order.amount).hex()}
+                estimated[i] = len(first)
+                first.append(("eth_estimateGas", [call, "latest"]))
+        heads = await self.rpc.batch(first)
+        block = heads[0]
         if not isinstance(block, dict):
             raise RpcUnavailable("eth_getBlockByNumber: no latest block")
         tip = as_int(block.get("number"), "block number")
         base_fee = as_int(block.get("baseFeePerGas") or "0x0", "base fee")
-        priority = await self._priority_fee(answers[1], base_fee)
-        gas_limit = NATIVE_TRANSFER_GAS
-        if token is not None and estimate:
-            if isinstance(answers[2], RpcError):
-                return Wait(f"the token transfer cannot be estimated yet: {answers[2].message}")
-            gas_limit = with_margin(as_int(answers[2], "gas estimate"))
+        market = Market(base_fee=base_fee, priority_fee=await self._priority_fee(heads[1], base_fee))
         confirmed = confirmed_block(tip, self.chain.confirmations)
         if confirmed < 0:
-            return Wait("the chain is shorter than its confirmation threshold")
+            return [Wait("the chain is shorter than its confirmation threshold")] * len(orders)
         blocks = sorted({tip, confirmed})
+        tokens = sorted({token for order in orders if (token := self._token(order)) is not None})
         second: list[tuple[str, list[Any]]] = []
         for number in blocks:
             tag = hex(number)
             second += [("eth_getBalance", [sender, tag]), ("eth_getTransactionCount", [sender, tag])]
-            if token is not None:
-                data = BALANCE_OF_SELECTOR + sender[2:].lower().rjust(64, "0")
-                second.append(("eth_call", [{"to": token, "data": data}, tag]))
+            data = BALANCE_OF_SELECTOR + sender[2:].lower().rjust(64, "0")
+            second += [("eth_call", [{"to": token, "data": data}, tag]) for token in tokens]
         answers = await self.rpc.batch(second)
-        per_block = 3 if token is not None else 2
-        states = []
+        per_block = 2 + len(tokens)
+        # Per token (None: the native coin), the escrow's standing at each block.
+        states: dict[str | None, list[AccountAt]] = {None: []}
         for i, number in enumerate(blocks):
             part = answers[i * per_block : (i + 1) * per_block]
-            states.append(
-                AccountAt(
-                    block=number,
-                    native=as_int(part[0], "eth_getBalance"),
-                    nonce=as_int(part[1], "eth_getTransactionCount"),
-                    token=as_int(part[2], "balanceOf") if token is not None else 0,
-                )
-            )
-        return EvmReading(
-            tip=tip,
-            market=Market(base_fee=base_fee, priority_fee=priority),
-            states=states,
-            gas_limit=gas_limit,
-        )
+            native = as_int(part[0], "eth_getBalance")
+            nonce = as_int(part[1], "eth_getTransactionCount")
+            states[None].append(AccountAt(block=number, native=native, nonce=nonce))
+            for j, token in enumerate(tokens):
+                at = AccountAt(block=number, native=native, nonce=nonce, token=as_int(part[2 + j], "balanceOf"))
+                states.setdefault(token, []).append(at)
+        readings: list[EvmReading | Wait] = []
+        for i, order in enumerate(orders):
+            gas_limit = NATIVE_TRANSFER_GAS
+            if i in estimated:
+                gas = heads[estimated[i]]
+                if isinstance(gas, RpcError):
+                    readings.append(Wait(f"the token transfer cannot be estimated yet: {gas.message}"))
+                    continue
+                gas_limit = with_margin(as_int(gas, "gas estimate"))
+            readings.append(EvmReading(tip=tip, market=market, states=states[self._token(order)], gas_limit=gas_limit))
+        return readings
 
     async def _priority_fee(self, answer: Any, base_fee: int) -> int:
         if not isinstance(answer, RpcError):
@@ -239,6 +246,16 @@ class EvmBackend:
         except RpcError as exc:
             return classify(exc.message), exc.message
         return Sent.ACCEPTED, ""
+
+    async def send_many(self, raws: Sequence[bytes]) -> list[tuple[Sent, str]]:
+        """Broadcasts a sender's transactions, in nonce order, with one request."""
+        if len(raws) == 1:
+            return [await self.send(raws[0])]
+        answers = await self.rpc.batch([("eth_sendRawTransaction", ["0x" + raw.hex()]) for raw in raws])
+        return [
+            (classify(answer.message), answer.message) if isinstance(answer, RpcError) else (Sent.ACCEPTED, "")
+            for answer in answers
+        ]
 
     async def look(self, sender: str, transfers: Sequence[InFlight]) -> Seen:
         txids = [c.txid for t in transfers for c in t.candidates]

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -30,7 +31,7 @@ import msgspec
 from otc_common import metrics as common_metrics
 from otc_common import subjects
 from otc_common.addresses import AddressError, evm_checksum_address, validate_utxo_address
-from otc_common.bus import Bus, ConsumerRunner, emit
+from otc_common.bus import Bus, ConsumerRunner, emit, emitted_together
 from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
 from otc_common.electrum import ElectrumClient
 from otc_common.keys import EscrowKeyring
@@ -603,94 +604,147 @@ class Processor:
             return
         backend = self.backends.get(worker.chain)
         while True:
-            # A few at a time: an escrow's payout and commission are commanded together. (One commanded meanwhile
-            # wakes the worker again.)
+            # Several at a time: an escrow's payout and commission are commanded together and go out together.
+            # (One commanded meanwhile wakes the worker again.)
             rows = await store.queued(self.pool, worker.chain, worker.sender, QUEUED_READ)
-            for row in rows:
-                if backend is None:
-                    await self._waits(row, f"no signer for {worker.chain} in this build")
-                    return
-                if not await self._sign_one(backend, row, worker):
-                    return
+            if not rows:
+                return
+            if backend is None:
+                await self._waits(rows[0], f"no signer for {worker.chain} in this build")
+                return
+            if not await self._sign_run(backend, rows, worker):
+                return
             if len(rows) < QUEUED_READ:
                 return
 
-    async def _sign_one(self, backend: ChainBackend, row: asyncpg.Record, worker: Worker) -> bool:
-        """Signs and broadcasts the sender's next transfer; False when it has to wait."""
+    async def _sign_run(self, backend: ChainBackend, rows: Sequence[asyncpg.Record], worker: Worker) -> bool:
+        """Signs and broadcasts a sender's queued transfers in arrival order, with one read of the chain, one
+        transaction and one broadcast request for all of them; False when one has to wait (and those after it)."""
         started = time.time()
-        order = store.order_of(row)
         chain = backend.chain
-        escrow, parties = await self._deal_facts(chain.id, order.escrow_address)
-        verdict = rules.check_transfer(
-            order, backend.escrow_address(order.escrow_index), escrow, parties, self.facts[chain.id]
-        )
-        if isinstance(verdict, Allowed) and canonical_address(chain, order.to) is None:
-            verdict = Refused(f"{order.to} is not a valid address on {chain.id}")
-        if isinstance(verdict, Missing):
-            await self._waits(row, verdict.reason)
-            return False
-        if isinstance(verdict, Refused):
-            async with self.pool.acquire() as conn, conn.transaction():
-                await self._refuse_in(conn, order, verdict.reason)
-            return True
-        assert isinstance(verdict, Allowed)
-        checked = time.time()
-        reading = await backend.read(order, estimate=True)
-        if isinstance(reading, Wait):
-            await self._waits(row, reading.reason)
-            return False
-        read = time.time()
-        async with self.pool.acquire() as conn, conn.transaction():
-            next_nonce = await store.lock_sender(conn, chain.id, order.escrow_address)
-            current = await store.lock_transfer(conn, order.transfer_id)
-            if current is None or current["status"] != "QUEUED":
-                return True
-            book = await store.outflows(conn, chain.id, order.escrow_address, order.asset)
-            signed = backend.sign_first(order, reading, book, next_nonce)
-            if isinstance(signed, Wait):
-                await self._waits(row, signed.reason)
-                return False
-            if isinstance(signed, Refused):
-                await self._fail_in(conn, order, signed.reason, alert=False)
-                return True
-            await store.record_signed(
-                conn,
-                order.transfer_id,
-                chain.id,
-                order.escrow_address,
-                signed.nonce,
-                signed.txid,
-                signed.raw,
-                signed.plan,
-                datetime.now(UTC),
+        checked: list[tuple[asyncpg.Record, TransferOrder]] = []
+        blocked = False
+        for row in rows:
+            order = store.order_of(row)
+            escrow, parties = await self._deal_facts(chain.id, order.escrow_address)
+            verdict = rules.check_transfer(
+                order, backend.escrow_address(order.escrow_index), escrow, parties, self.facts[chain.id]
             )
-            await emit(
-                conn,
-                subjects.queue_result(chain.id),
-                TransferSubmitted(
-                    transfer_id=order.transfer_id,
-                    deal_id=order.deal_id,
-                    chain=chain.id,
-                    txid=signed.txid,
-                    candidates=[signed.txid],
-                ),
-                event_id=stable_event_id("queue", "submitted", order.transfer_id, 0),
-            )
-        stored = time.time()
-        self._waiting.pop(order.transfer_id, None)
+            if isinstance(verdict, Allowed) and canonical_address(chain, order.to) is None:
+                verdict = Refused(f"{order.to} is not a valid address on {chain.id}")
+            if isinstance(verdict, Missing):
+                await self._waits(row, verdict.reason)
+                blocked = True
+                break
+            if isinstance(verdict, Refused):
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await self._refuse_in(conn, order, verdict.reason)
+                continue
+            checked.append((row, order))
+        if not checked:
+            return not blocked
+        checked_at = time.time()
+        readings = await backend.read_many([order for _, order in checked], estimate=True)
+        ready: list[tuple[asyncpg.Record, TransferOrder, Any]] = []
+        for (row, order), reading in zip(checked, readings, strict=True):
+            if isinstance(reading, Wait):
+                await self._waits(row, reading.reason)
+                blocked = True
+                break
+            ready.append((row, order, reading))
+        if not ready:
+            return False
+        read_at = time.time()
+        sender = ready[0][1].escrow_address
+        run: list[tuple[asyncpg.Record, TransferOrder, Signed, int]] = []
+        async with self.pool.acquire() as conn, conn.transaction(), emitted_together(conn):
+            next_nonce = await store.lock_sender(conn, chain.id, sender)
+            statuses, flows = await store.lock_for_signing(conn, chain.id, sender, [o.transfer_id for _, o, _ in ready])
+            for row, order, reading in ready:
+                if statuses.get(order.transfer_id) != "QUEUED":
+                    continue
+                signed = backend.sign_first(order, reading, [flow.against(order.asset) for flow in flows], next_nonce)
+                if isinstance(signed, Wait):
+                    await self._waits(row, signed.reason)
+                    blocked = True
+                    break
+                if isinstance(signed, Refused):
+                    await self._fail_in(conn, order, signed.reason, alert=False)
+                    continue
+                run.append((row, order, signed, next_nonce))
+                # What this one takes out is there for the next one to see, as if it had been stored already.
+                native_out = signed.plan.value + signed.plan.gas_limit * signed.plan.max_fee
+                flows.append(store.Flow(nonce=signed.nonce, asset=order.asset, amount=order.amount, native=native_out))
+                next_nonce = signed.nonce + 1
+            if run:
+                await store.record_signed(
+                    conn,
+                    chain.id,
+                    sender,
+                    [store.SignedRow(o.transfer_id, s.nonce, s.txid, s.raw, s.plan) for _, o, s, _ in run],
+                    datetime.now(UTC),
+                )
+            for _, order, signed, _ in run:
+                await emit(
+                    conn,
+                    subjects.queue_result(chain.id),
+                    TransferSubmitted(
+                        transfer_id=order.transfer_id,
+                        deal_id=order.deal_id,
+                        chain=chain.id,
+                        txid=signed.txid,
+                        candidates=[signed.txid],
+                    ),
+                    event_id=stable_event_id("queue", "submitted", order.transfer_id, 0),
+                )
+        if not run:
+            return not blocked
+        stored_at = time.time()
+        for _, order, _, _ in run:
+            self._waiting.pop(order.transfer_id, None)
         if self.settings.test_crash_after_sign:
             os.kill(os.getpid(), signal.SIGKILL)
-        outcome, words = await backend.send(signed.raw)
-        sent = time.time()
+        outcomes = await backend.send_many([signed.raw for _, _, signed, _ in run])
+        sent_at = time.time()
+        for (row, order, signed, expected_nonce), (outcome, words) in zip(run, outcomes, strict=True):
+            self._sent(row, order, signed, outcome, words, (started, checked_at, read_at, stored_at, sent_at))
+            if signed.nonce != expected_nonce:
+                await self._alert_once(
+                    f"nonce:{chain.id}:{sender}:{expected_nonce}",
+                    "foreign_transaction",
+                    f"escrow {sender} on {chain.id} used nonces {expected_nonce}..{signed.nonce - 1} "
+                    "in transactions this queue never signed",
+                    chain.id,
+                    order.deal_id,
+                )
+            if outcome not in (Sent.ACCEPTED, Sent.KNOWN):
+                log.warning(
+                    "broadcast not accepted: %s",
+                    words,
+                    extra={"transfer_id": order.transfer_id, "chain": chain.id, "txid": signed.txid},
+                )
+                worker.check_due = True
+        return not blocked
+
+    def _sent(
+        self,
+        row: asyncpg.Record,
+        order: TransferOrder,
+        signed: Signed,
+        outcome: Sent,
+        words: str,
+        times: tuple[float, float, float, float, float],
+    ) -> None:
+        started, checked, read, stored, sent = times
         since_command = sent - row["received_at"].timestamp()
-        metrics.COMMAND_TO_BROADCAST.labels(chain.id).observe(since_command)
-        metrics.SUBMITTED.labels(chain.id).inc()
+        metrics.COMMAND_TO_BROADCAST.labels(order.chain).observe(since_command)
+        metrics.SUBMITTED.labels(order.chain).inc()
         log.info(
             "broadcast",
             extra={
                 "transfer_id": order.transfer_id,
                 "deal_id": order.deal_id,
-                "chain": chain.id,
+                "chain": order.chain,
                 "txid": signed.txid,
                 "nonce": signed.nonce,
                 "outcome": outcome.value,
@@ -705,23 +759,6 @@ class Processor:
                 },
             },
         )
-        if signed.nonce != next_nonce:
-            await self._alert_once(
-                f"nonce:{chain.id}:{order.escrow_address}:{next_nonce}",
-                "foreign_transaction",
-                f"escrow {order.escrow_address} on {chain.id} used nonces {next_nonce}..{signed.nonce - 1} "
-                "in transactions this queue never signed",
-                chain.id,
-                order.deal_id,
-            )
-        if outcome not in (Sent.ACCEPTED, Sent.KNOWN):
-            log.warning(
-                "broadcast not accepted: %s",
-                words,
-                extra={"transfer_id": order.transfer_id, "chain": chain.id, "txid": signed.txid},
-            )
-            worker.check_due = True
-        return True
 
     async def _deal_facts(self, chain: str, address: str) -> tuple[rules.EscrowFact | None, dict[Party, PartyFact]]:
         """The deal facts of an escrow; kept in memory once complete, since they never change after."""
@@ -778,6 +815,7 @@ class Processor:
         seen = await backend.look(worker.sender, flights)
         now = time.time()
         first_unmined = True
+        confirmed: list[tuple[InFlight, rules.Receipt, int]] = []
         for flight in flights:
             action = rules.next_action(
                 [c.view() for c in flight.candidates],
@@ -789,7 +827,7 @@ class Processor:
                 first_unmined=first_unmined,
             )
             if isinstance(action, rules.Confirm):
-                await self._confirm(backend, flight, action.receipt, action.confirmations)
+                confirmed.append((flight, action.receipt, action.confirmations))
                 continue
             if isinstance(action, rules.Mined):
                 await self._progress(flight, action.receipt, action.confirmations)
@@ -801,6 +839,8 @@ class Processor:
                 await self._bump(backend, flight)
             elif isinstance(action, rules.NonceTaken):
                 await self._nonce_taken(backend.chain.id, flight, now)
+        if confirmed:
+            await self._confirm(backend, confirmed)
 
     async def _nonce_taken(self, chain: str, flight: InFlight, now: float) -> None:
         """Briefly this is a receipt not visible yet; for longer, a transaction not ours used the nonce."""
@@ -853,78 +893,89 @@ class Processor:
             event_id=stable_event_id("queue", "progress", transfer_id, txid, block_hash, confirmations),
         )
 
-    async def _confirm(
-        self, backend: ChainBackend, flight: InFlight, receipt: rules.Receipt, confirmations: int
-    ) -> None:
-        order = flight.order
-        mined = next(c for c in flight.candidates if c.txid == receipt.txid)
-        amount_sent = backend.amount_sent(order, mined.plan) if receipt.success else 0
-        reason = None if receipt.success else f"reverted on chain: {receipt.txid} in block {receipt.block_number}"
-        async with self.pool.acquire() as conn, conn.transaction():
-            done = await store.confirm(
-                conn,
-                order.transfer_id,
+    async def _confirm(self, backend: ChainBackend, confirmed: Sequence[tuple[InFlight, rules.Receipt, int]]) -> None:
+        """Records a sender's transfers mined at the threshold, with their events, in one transaction."""
+        outcomes: list[tuple[InFlight, rules.Receipt, store.Outcome]] = []
+        for flight, receipt, confirmations in confirmed:
+            order = flight.order
+            mined = next(c for c in flight.candidates if c.txid == receipt.txid)
+            outcome = store.Outcome(
+                transfer_id=order.transfer_id,
                 txid=receipt.txid,
                 block_number=receipt.block_number,
                 confirmations=confirmations,
-                amount_sent=amount_sent,
+                amount_sent=backend.amount_sent(order, mined.plan) if receipt.success else 0,
                 fee_paid=receipt.fee,
                 success=receipt.success,
-                reason=reason,
+                reason=None if receipt.success else reverted(receipt),
             )
-            if not done:
-                return
-            if (mined.mined_block, mined.mined_hash) != (receipt.block_number, receipt.block_hash):
-                await store.note_mined(conn, receipt.txid, receipt.block_number, receipt.block_hash)
-            result: Message
-            if receipt.success:
-                result = TransferConfirmed(
-                    transfer_id=order.transfer_id,
-                    deal_id=order.deal_id,
-                    chain=order.chain,
-                    txid=receipt.txid,
-                    block_number=receipt.block_number,
-                    confirmations=confirmations,
-                    amount_sent=amount_sent,
-                    fee_paid=receipt.fee,
-                )
-                event_id = stable_event_id("queue", "confirmed", order.transfer_id)
+            outcomes.append((flight, receipt, outcome))
+        async with self.pool.acquire() as conn, conn.transaction(), emitted_together(conn):
+            done = await store.confirm_many(conn, [outcome for _, _, outcome in outcomes])
+            outcomes = [item for item in outcomes if item[2].transfer_id in done]
+            newly_mined = {
+                receipt.txid: (receipt.block_number, receipt.block_hash)
+                for flight, receipt, _ in outcomes
+                if next((c.mined_block, c.mined_hash) for c in flight.candidates if c.txid == receipt.txid)
+                != (receipt.block_number, receipt.block_hash)
+            }
+            if newly_mined:
+                await store.note_mined_many(conn, newly_mined)
+            for flight, _, outcome in outcomes:
+                await self._report_outcome(conn, flight.order, outcome)
+        for flight, _, outcome in outcomes:
+            order = flight.order
+            self._nonce_taken_since.pop(order.transfer_id, None)
+            for candidate in flight.candidates:
+                self._last_send.pop(candidate.txid, None)
+            first_signed = flight.candidates[0].signed_at.timestamp()
+            metrics.BROADCAST_TO_CONFIRMED.labels(order.chain).observe(max(0.0, time.time() - first_signed))
+            if outcome.success:
+                metrics.CONFIRMED.labels(order.chain).inc()
             else:
-                # The nonce and the fee are spent; sending the same again would fail the same way.
-                assert reason is not None
-                result = TransferFailed(
-                    transfer_id=order.transfer_id,
-                    deal_id=order.deal_id,
-                    chain=order.chain,
-                    reason=reason,
-                    retryable=False,
-                )
-                event_id = stable_event_id("queue", "failed", order.transfer_id)
-                detail = f"{order.transfer_id}: {reason}"
-                await self._alert_in(conn, "payout_reverted", detail, order.chain, order.deal_id)
-            await emit(conn, subjects.queue_result(order.chain), result, event_id=event_id)
-        self._nonce_taken_since.pop(order.transfer_id, None)
-        for candidate in flight.candidates:
-            self._last_send.pop(candidate.txid, None)
-        first_signed = flight.candidates[0].signed_at.timestamp()
-        metrics.BROADCAST_TO_CONFIRMED.labels(order.chain).observe(max(0.0, time.time() - first_signed))
-        if receipt.success:
-            metrics.CONFIRMED.labels(order.chain).inc()
+                metrics.FAILED.labels(order.chain, "false").inc()
+            log.info(
+                "confirmed" if outcome.success else "reverted",
+                extra={
+                    "transfer_id": order.transfer_id,
+                    "deal_id": order.deal_id,
+                    "chain": order.chain,
+                    "txid": outcome.txid,
+                    "block_number": outcome.block_number,
+                    "amount_sent": outcome.amount_sent,
+                    "fee_paid": outcome.fee_paid,
+                    "candidates": len(flight.candidates),
+                },
+            )
+
+    async def _report_outcome(self, conn: Connection, order: TransferOrder, outcome: store.Outcome) -> None:
+        result: Message
+        if outcome.success:
+            result = TransferConfirmed(
+                transfer_id=order.transfer_id,
+                deal_id=order.deal_id,
+                chain=order.chain,
+                txid=outcome.txid,
+                block_number=outcome.block_number,
+                confirmations=outcome.confirmations,
+                amount_sent=outcome.amount_sent,
+                fee_paid=outcome.fee_paid,
+            )
+            event_id = stable_event_id("queue", "confirmed", order.transfer_id)
         else:
-            metrics.FAILED.labels(order.chain, "false").inc()
-        log.info(
-            "confirmed" if receipt.success else "reverted",
-            extra={
-                "transfer_id": order.transfer_id,
-                "deal_id": order.deal_id,
-                "chain": order.chain,
-                "txid": receipt.txid,
-                "block_number": receipt.block_number,
-                "amount_sent": amount_sent,
-                "fee_paid": receipt.fee,
-                "candidates": len(flight.candidates),
-            },
-        )
+            # The nonce and the fee are spent; sending the same again would fail the same way.
+            assert outcome.reason is not None
+            result = TransferFailed(
+                transfer_id=order.transfer_id,
+                deal_id=order.deal_id,
+                chain=order.chain,
+                reason=outcome.reason,
+                retryable=False,
+            )
+            event_id = stable_event_id("queue", "failed", order.transfer_id)
+            detail = f"{order.transfer_id}: {outcome.reason}"
+            await self._alert_in(conn, "payout_reverted", detail, order.chain, order.deal_id)
+        await emit(conn, subjects.queue_result(order.chain), result, event_id=event_id)
 
     async def _rebroadcast(self, backend: ChainBackend, flight: InFlight, action: rules.Rebroadcast) -> None:
         order = flight.order
@@ -1045,6 +1096,10 @@ class Processor:
                 "detail": words,
             },
         )
+
+
+def reverted(receipt: rules.Receipt) -> str:
+    return f"reverted on chain: {receipt.txid} in block {receipt.block_number}"
 
 
 def _order(cmd: PayoutCommand) -> TransferOrder:

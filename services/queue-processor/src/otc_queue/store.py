@@ -265,15 +265,52 @@ async def outflows(conn: Connection, chain: str, sender: str, asset: str, exclud
         sender,
         exclude,
     )
-    return [
-        Outflow(
-            nonce=row["nonce"],
-            native=int(row["native"]),
-            # Token amounts count only against the same token (a native value is already in `native`).
-            token=int(row["amount"]) if row["asset"] == asset else 0,
-        )
-        for row in rows
-    ]
+    return [_flow(row).against(asset) for row in rows]
+
+
+class Flow(NamedTuple):
+    """A signed, unconfirmed transfer's nonce, asset and amount, and the most native its candidates can take."""
+
+    nonce: int
+    asset: str
+    amount: int
+    native: int
+
+    def against(self, asset: str) -> Outflow:
+        # Token amounts count only against the same token (a native value is already in `native`).
+        return Outflow(nonce=self.nonce, native=self.native, token=self.amount if self.asset == asset else 0)
+
+
+async def lock_for_signing(
+    conn: Connection, chain: str, sender: str, transfer_ids: Sequence[str]
+) -> tuple[dict[str, str], list[Flow]]:
+    """Inside the transaction holding the sender's row: the given transfers locked, with their status, and what
+    the sender's signed, unconfirmed transfers can still take, in one statement."""
+    rows = await conn.fetch(
+        """WITH locked AS (
+               SELECT transfer_id, status FROM transfers WHERE transfer_id = ANY($3::text[])
+               ORDER BY transfer_id FOR UPDATE
+           ), flows AS (
+               SELECT t.nonce, t.asset, t.amount, max(c.value + c.gas_limit * c.max_fee) AS native
+               FROM transfers t JOIN candidates c USING (transfer_id)
+               WHERE t.chain = $1 AND t.escrow_address = $2 AND t.status = 'SIGNED'
+               GROUP BY t.transfer_id
+           )
+           SELECT transfer_id, status, NULL::bigint AS nonce, NULL::text AS asset, NULL::numeric AS amount,
+                  NULL::numeric AS native
+           FROM locked
+           UNION ALL
+           SELECT NULL, NULL, nonce, asset, amount, native FROM flows""",
+        chain,
+        sender,
+        list(transfer_ids),
+    )
+    statuses = {row["transfer_id"]: row["status"] for row in rows if row["transfer_id"] is not None}
+    return statuses, [_flow(row) for row in rows if row["transfer_id"] is None]
+
+
+def _flow(row: asyncpg.Record) -> Flow:
+    return Flow(nonce=row["nonce"], asset=row["asset"], amount=int(row["amount"]), native=int(row["native"]))
 
 
 async def add_candidate(
@@ -294,37 +331,42 @@ async def add_candidate(
     )
 
 
-async def record_signed(
-    conn: Connection,
-    transfer_id: str,
-    chain: str,
-    sender: str,
-    nonce: int,
-    txid: str,
-    raw: bytes,
-    plan: TxPlan,
-    at: datetime,
-) -> None:
-    """The first candidate, the transfer's nonce and the sender's next one, in one statement."""
+class SignedRow(NamedTuple):
+    """A transfer's first transaction, to be stored before it is broadcast."""
+
+    transfer_id: str
+    nonce: int
+    txid: str
+    raw: bytes
+    plan: TxPlan
+
+
+async def record_signed(conn: Connection, chain: str, sender: str, signed: Sequence[SignedRow], at: datetime) -> None:
+    """A run of a sender's first candidates, their transfers' nonces and the sender's next one, in one statement
+    (the run is in nonce order)."""
     await conn.execute(
         """WITH candidate AS (
                INSERT INTO candidates (txid, transfer_id, seq, raw, value, gas_limit, max_fee, priority_fee, signed_at)
-               VALUES ($5, $1, 0, $6, $7, $8, $9, $10, $11)
+               SELECT u.txid, u.transfer_id, 0, u.raw, u.value, u.gas_limit, u.max_fee, u.priority_fee, $3
+               FROM unnest($4::text[], $5::text[], $6::bytea[], $7::numeric[], $8::bigint[], $9::numeric[],
+                           $10::numeric[]) AS u(transfer_id, txid, raw, value, gas_limit, max_fee, priority_fee)
            ), signed AS (
-               UPDATE transfers SET status = 'SIGNED', nonce = $4, signed_at = $11 WHERE transfer_id = $1
+               UPDATE transfers AS t SET status = 'SIGNED', nonce = u.nonce, signed_at = $3
+               FROM unnest($4::text[], $11::bigint[]) AS u(transfer_id, nonce) WHERE t.transfer_id = u.transfer_id
            )
-           UPDATE senders SET next_nonce = $4 + 1 WHERE chain = $2 AND address = $3""",
-        transfer_id,
+           UPDATE senders SET next_nonce = $12 WHERE chain = $1 AND address = $2""",
         chain,
         sender,
-        nonce,
-        txid,
-        raw,
-        plan.value,
-        plan.gas_limit,
-        plan.max_fee,
-        plan.priority_fee,
         at,
+        [s.transfer_id for s in signed],
+        [s.txid for s in signed],
+        [s.raw for s in signed],
+        [s.plan.value for s in signed],
+        [s.plan.gas_limit for s in signed],
+        [s.plan.max_fee for s in signed],
+        [s.plan.priority_fee for s in signed],
+        [s.nonce for s in signed],
+        max(s.nonce for s in signed) + 1,
     )
 
 
@@ -488,32 +530,50 @@ async def set_standing(
     return bool(changed)
 
 
-async def confirm(
-    conn: Connection,
-    transfer_id: str,
-    *,
-    txid: str,
-    block_number: int,
-    confirmations: int,
-    amount_sent: int,
-    fee_paid: int,
-    success: bool,
-    reason: str | None,
-) -> bool:
-    done = await conn.fetchval(
-        """UPDATE transfers SET status = $8, txid = $2, block_number = $3, confirmations = $4,
-                  amount_sent = $5, fee_paid = $6, reason = $7, finished_at = now()
-           WHERE transfer_id = $1 AND status = 'SIGNED' RETURNING true""",
-        transfer_id,
-        txid,
-        block_number,
-        confirmations,
-        amount_sent,
-        fee_paid,
-        reason,
-        "CONFIRMED" if success else "FAILED",
+class Outcome(NamedTuple):
+    """A transfer's mined candidate at the threshold: what was sent and what it cost, or why it failed."""
+
+    transfer_id: str
+    txid: str
+    block_number: int
+    confirmations: int
+    amount_sent: int
+    fee_paid: int
+    success: bool
+    reason: str | None
+
+
+async def confirm(conn: Connection, outcome: Outcome) -> bool:
+    return outcome.transfer_id in await confirm_many(conn, [outcome])
+
+
+async def confirm_many(conn: Connection, outcomes: Sequence[Outcome]) -> set[str]:
+    """Records signed transfers as done (CONFIRMED, or FAILED when reverted): the ids that were still SIGNED. Several
+    are locked in id order first, like `set_standings`, so that the two never deadlock."""
+    ids = sorted(o.transfer_id for o in outcomes)
+    if len(ids) > 1:
+        await conn.execute(
+            "SELECT FROM transfers WHERE transfer_id = ANY($1::text[]) ORDER BY transfer_id FOR UPDATE", ids
+        )
+    rows = await conn.fetch(
+        """UPDATE transfers AS t SET status = u.status, txid = u.txid, block_number = u.block_number,
+                  confirmations = u.confirmations, amount_sent = u.amount_sent, fee_paid = u.fee_paid,
+                  reason = u.reason, finished_at = now()
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::numeric[], $7::numeric[],
+                       $8::text[])
+                AS u(transfer_id, status, txid, block_number, confirmations, amount_sent, fee_paid, reason)
+           WHERE t.transfer_id = u.transfer_id AND t.status = 'SIGNED'
+           RETURNING t.transfer_id""",
+        [o.transfer_id for o in outcomes],
+        ["CONFIRMED" if o.success else "FAILED" for o in outcomes],
+        [o.txid for o in outcomes],
+        [o.block_number for o in outcomes],
+        [o.confirmations for o in outcomes],
+        [o.amount_sent for o in outcomes],
+        [o.fee_paid for o in outcomes],
+        [o.reason for o in outcomes],
     )
-    return bool(done)
+    return {row["transfer_id"] for row in rows}
 
 
 async def candidate_ids(conn: Connection, transfer_id: str) -> Sequence[str]:

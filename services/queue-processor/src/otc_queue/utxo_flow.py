@@ -260,14 +260,16 @@ class UtxoPayouts:
         async with self.pool.acquire() as conn, conn.transaction():
             done = await store.confirm(
                 conn,
-                order.transfer_id,
-                txid=state.txid,
-                block_number=state.block_number,
-                confirmations=state.confirmations,
-                amount_sent=amount_sent,
-                fee_paid=fee_paid,
-                success=True,
-                reason=None,
+                store.Outcome(
+                    transfer_id=order.transfer_id,
+                    txid=state.txid,
+                    block_number=state.block_number,
+                    confirmations=state.confirmations,
+                    amount_sent=amount_sent,
+                    fee_paid=fee_paid,
+                    success=True,
+                    reason=None,
+                ),
             )
             if not done:
                 return
