@@ -196,16 +196,33 @@ class Flow:
         self.post_close_window = post_close_window
 
     async def emit_deal_event(
-        self, conn: Connection, deal_id: str, event: Any, detail: dict[str, Any], now: datetime
+        self,
+        conn: Connection,
+        deal_id: str,
+        event: Any,
+        detail: dict[str, Any],
+        now: datetime,
+        writes: store.DealWrites | None = None,
     ) -> None:
         await emit(conn, subjects.deal(deal_id), event)
-        await store.add_event(conn, deal_id, event.TYPE, detail, now)
+        if writes is None:
+            await store.add_event(conn, deal_id, event.TYPE, detail, now)
+        else:
+            writes.event(deal_id, event.TYPE, detail, now)
 
-    async def apply(self, conn: Connection, deal_id: str, transitions: list[Transition], now: datetime) -> None:
+    async def apply(
+        self,
+        conn: Connection,
+        deal_id: str,
+        transitions: list[Transition],
+        now: datetime,
+        writes: store.DealWrites | None = None,
+    ) -> None:
         """Safeguard 6: each stage change and its event commit together (the caller's transaction)."""
+        batch = store.DealWrites() if writes is None else writes
         for t in transitions:
             STAGE_CHANGES.labels(t.stage.value).inc()
-            await store.apply_transition(conn, deal_id, t, now)
+            batch.stages[deal_id] = (t, now)
             event = StageChanged(
                 deal_id=deal_id,
                 stage=t.stage,
@@ -217,7 +234,9 @@ class Flow:
             detail = {"from": t.previous.value, "to": t.stage.value, "reason": t.reason}
             if t.outcome:
                 detail["outcome"] = t.outcome.value
-            await self.emit_deal_event(conn, deal_id, event, detail, now)
+            await self.emit_deal_event(conn, deal_id, event, detail, now, batch)
+        if writes is None:
+            await batch.store(conn)
 
     async def advance(
         self, conn: Connection, deal_id: str, now: datetime, locked: asyncpg.Record | None = None
@@ -226,43 +245,64 @@ class Flow:
         facts = await load(conn, deal_id, self.registry, locked)
         if facts is None:
             return []
-        return await self.advance_loaded(conn, facts, now)
+        writes = store.DealWrites()
+        transitions = await self.advance_loaded(conn, facts, now, await store.halted_chains(conn), writes)
+        await writes.store(conn)
+        return transitions
 
     async def advance_all(self, conn: Connection, deal_ids: Iterable[str], now: datetime) -> None:
         """Locks the deals in id order (so concurrent transactions never deadlock) and re-evaluates each.
 
-        Re-evaluating a deal writes only that deal's rows, so all of them can be read up front."""
+        Re-evaluating a deal writes only that deal's rows, so all of them can be read up front, and what they
+        write is stored together at the end."""
         locked = await store.lock_deals(conn, sorted(set(deal_ids)))
+        if not locked:
+            return
+        halted = await store.halted_chains(conn)
+        writes = store.DealWrites()
         for facts in await load_many(conn, locked, self.registry):
-            await self.advance_loaded(conn, facts, now)
+            await self.advance_loaded(conn, facts, now, halted, writes)
+        await writes.store(conn)
 
-    async def advance_loaded(self, conn: Connection, facts: DealFacts, now: datetime) -> list[Transition]:
+    async def advance_loaded(
+        self, conn: Connection, facts: DealFacts, now: datetime, halted: set[str], writes: store.DealWrites
+    ) -> list[Transition]:
+        """Re-evaluates a loaded deal; what it writes goes into `writes`, for the caller to store."""
         deal_id = facts.deal_id
         state = facts.deal_state()
         for side in state.sides:
             if side.is_funded and facts.sides[side.party]["funded_at"] is None:
-                await store.mark_funded(conn, deal_id, side.party, now)
+                writes.funded.append((deal_id, side.party.value, now))
                 await self.emit_deal_event(
                     conn,
                     deal_id,
                     SideFunded(deal_id=deal_id, party=side.party, amount=side.funded),
                     {"party": side.party.value},
                     now,
+                    writes,
                 )
         transitions = rules.evaluate(state, now)
-        await self.apply(conn, deal_id, transitions, now)
+        await self.apply(conn, deal_id, transitions, now, writes)
         stage = transitions[-1].stage if transitions else facts.stage
         closed_at = now if transitions and stage is Stage.CLOSED else facts.deal["closed_at"]
         if stage is Stage.CLOSED and closed_at is not None and now - closed_at > self.post_close_window:
             return transitions
-        planned = await self.plan(conn, facts, stage, now)
-        if planned or any(t["status"] == "PLANNED" for t in facts.transfers):
-            await self.command(conn, deal_id)
+        # Safeguard 8: nothing is commanded on a chain halted by a deep reorg; it stays planned until resumed.
+        for row in facts.transfers:
+            if row["status"] == "PLANNED" and row["chain"] not in halted:
+                await _send_command(conn, _planned_of(row))
+                writes.commanded.append(row["transfer_id"])
+        for planned in await self.plan(conn, facts, stage):
+            if planned.chain in halted:
+                writes.transfers.append((planned, "PLANNED"))
+            else:
+                await _send_command(conn, planned)
+                writes.transfers.append((planned, "COMMANDED"))
         return transitions
 
-    async def plan(self, conn: Connection, facts: DealFacts, stage: Stage, now: datetime) -> int:
-        """Stores the transfers the ledger asks for next; how many."""
-        planned_count = 0
+    async def plan(self, conn: Connection, facts: DealFacts, stage: Stage) -> list[store.PlannedTransfer]:
+        """The transfers the ledger asks for next (and the tank's gas, requested here)."""
+        planned: list[store.PlannedTransfer] = []
         for party, escrow in facts.escrows.items():
             side = facts.sides[party]
             late_round = len(escrow.of(TransferPurpose.LATE_RETURN))
@@ -271,23 +311,23 @@ class Flow:
             except SafeguardViolation as exc:
                 log.error("plan refused: %s", exc, extra={"deal_id": facts.deal_id, "party": party.value})
                 continue
-            for planned in steps.transfers:
-                planned_count += 1
-                sequence = sum(1 for t in escrow.transfers if t.purpose is planned.purpose)
-                await store.insert_transfer(
-                    conn,
-                    transfer_id=f"{facts.deal_id}:{party.value}:{planned.purpose.value}:{sequence}",
-                    deal_id=facts.deal_id,
-                    party=party,
-                    chain=side["chain"],
-                    asset=side["asset"] if planned.purpose is not TransferPurpose.GAS_RETURN else self._native(side),
-                    escrow_address=side["escrow_address"],
-                    escrow_index=side["escrow_index"],
-                    purpose=planned.purpose.value,
-                    to_address=planned.to,
-                    amount=planned.amount,
-                    fee_from_amount=planned.fee_from_amount,
-                    phase=planned.phase,
+            for step in steps.transfers:
+                sequence = sum(1 for t in escrow.transfers if t.purpose is step.purpose)
+                planned.append(
+                    store.PlannedTransfer(
+                        transfer_id=f"{facts.deal_id}:{party.value}:{step.purpose.value}:{sequence}",
+                        deal_id=facts.deal_id,
+                        party=party,
+                        chain=side["chain"],
+                        asset=side["asset"] if step.purpose is not TransferPurpose.GAS_RETURN else self._native(side),
+                        escrow_address=side["escrow_address"],
+                        escrow_index=side["escrow_index"],
+                        purpose=step.purpose.value,
+                        to_address=step.to,
+                        amount=step.amount,
+                        fee_from_amount=step.fee_from_amount,
+                        phase=step.phase,
+                    )
                 )
             if steps.gas_request is not None:
                 request_id, count = steps.gas_request
@@ -309,31 +349,49 @@ class Flow:
                         ),
                         event_id=f"gas:{request_id}",
                     )
-        return planned_count
+        return planned
 
     def _native(self, side: asyncpg.Record) -> str:
         return self.registry.chain(side["chain"]).native_asset.symbol
 
     async def command(self, conn: Connection, deal_id: str) -> None:
         """Sends planned transfers to the queue, except on chains halted by a deep reorg (safeguard 8)."""
-        halted = await store.halted_chains(conn)
-        for row in await store.planned_transfers(conn, deal_id, halted):
-            await emit(
-                conn,
-                subjects.queue_command(row["chain"]),
-                PayoutCommand(
-                    transfer_id=row["transfer_id"],
-                    deal_id=deal_id,
-                    chain=row["chain"],
-                    asset=row["asset"],
-                    escrow_address=row["escrow_address"],
-                    escrow_index=row["escrow_index"],
-                    to=row["to_address"],
-                    amount=int(row["amount"]),
-                    purpose=TransferPurpose(row["purpose"]),
-                    fee_from_amount=row["fee_from_amount"],
-                    phase=row["phase"],
-                ),
-                event_id=f"payout:{row['transfer_id']}",
-            )
-            await store.set_transfer_status(conn, row["transfer_id"], "COMMANDED")
+        writes = store.DealWrites()
+        for row in await store.planned_transfers(conn, deal_id, await store.halted_chains(conn)):
+            await _send_command(conn, _planned_of(row))
+            writes.commanded.append(row["transfer_id"])
+        await writes.store(conn)
+
+
+def _planned_of(row: asyncpg.Record) -> store.PlannedTransfer:
+    return store.PlannedTransfer(
+        transfer_id=row["transfer_id"],
+        deal_id=row["deal_id"],
+        party=Party(row["party"]),
+        chain=row["chain"],
+        asset=row["asset"],
+        escrow_address=row["escrow_address"],
+        escrow_index=row["escrow_index"],
+        purpose=row["purpose"],
+        to_address=row["to_address"],
+        amount=int(row["amount"]),
+        fee_from_amount=row["fee_from_amount"],
+        phase=row["phase"],
+    )
+
+
+async def _send_command(conn: Connection, item: store.PlannedTransfer) -> None:
+    command = PayoutCommand(
+        transfer_id=item.transfer_id,
+        deal_id=item.deal_id,
+        chain=item.chain,
+        asset=item.asset,
+        escrow_address=item.escrow_address,
+        escrow_index=item.escrow_index,
+        to=item.to_address,
+        amount=item.amount,
+        purpose=TransferPurpose(item.purpose),
+        fee_from_amount=item.fee_from_amount,
+        phase=item.phase,
+    )
+    await emit(conn, subjects.queue_command(item.chain), command, event_id=f"payout:{item.transfer_id}")

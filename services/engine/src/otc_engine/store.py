@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
@@ -495,6 +495,107 @@ async def closed_deals_to_unwatch(conn: Connection, closed_before: datetime, lim
 
 async def mark_unwatched(conn: Connection, deal_id: str) -> None:
     await conn.execute("UPDATE deals SET unwatched = true WHERE deal_id = $1", deal_id)
+
+
+class PlannedTransfer(NamedTuple):
+    """A transfer the ledger asked for, as it is stored (and, unless its chain is halted, commanded)."""
+
+    transfer_id: str
+    deal_id: str
+    party: Party
+    chain: str
+    asset: str
+    escrow_address: str
+    escrow_index: int
+    purpose: str
+    to_address: str
+    amount: int
+    fee_from_amount: bool
+    phase: int
+
+
+class DealWrites:
+    """What re-evaluating deals writes, stored with a statement per table when the caller is done with them all:
+    a run of chain events re-evaluates up to a hundred deals, and a round trip per row cost more than the rules.
+    Re-evaluating a deal reads only that deal's rows, read before, so nothing reads these before they are stored."""
+
+    def __init__(self) -> None:
+        self.funded: list[tuple[str, str, datetime]] = []
+        #: Per deal, its last stage change (each replaces the one before; CLOSED is last).
+        self.stages: dict[str, tuple[Transition, datetime]] = {}
+        self.events: list[tuple[str, str, str, datetime]] = []
+        self.transfers: list[tuple[PlannedTransfer, str]] = []
+        self.commanded: list[str] = []
+
+    def event(self, deal_id: str, type_: str, detail: dict[str, Any], at: datetime) -> None:
+        self.events.append((deal_id, type_, msgspec.json.encode(detail).decode(), at))
+
+    async def store(self, conn: Connection) -> None:
+        if self.funded:
+            await conn.execute(
+                """UPDATE deal_sides AS s SET funded_at = u.at
+                   FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(deal_id, party, at)
+                   WHERE s.deal_id = u.deal_id AND s.party = u.party AND s.funded_at IS NULL""",
+                [deal_id for deal_id, _, _ in self.funded],
+                [party for _, party, _ in self.funded],
+                [at for _, _, at in self.funded],
+            )
+        if self.stages:
+            changes = list(self.stages.items())
+            await conn.execute(
+                """UPDATE deals AS d SET stage = u.stage, outcome = u.outcome, expires_at = u.expires_at,
+                          remaining_ms = u.remaining_ms, updated_at = u.at,
+                          closed_at = CASE WHEN u.stage = 'CLOSED' THEN u.at ELSE d.closed_at END
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[], $6::timestamptz[])
+                        AS u(deal_id, stage, outcome, expires_at, remaining_ms, at)
+                   WHERE d.deal_id = u.deal_id""",
+                [deal_id for deal_id, _ in changes],
+                [t.stage.value for _, (t, _) in changes],
+                [t.outcome.value if t.outcome else None for _, (t, _) in changes],
+                [t.expires_at for _, (t, _) in changes],
+                [t.remaining_ms for _, (t, _) in changes],
+                [at for _, (_, at) in changes],
+            )
+        if self.events:
+            await conn.execute(
+                """INSERT INTO deal_events (deal_id, type, detail, at)
+                   SELECT deal_id, type, detail, at
+                   FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::timestamptz[]) WITH ORDINALITY
+                        AS u(deal_id, type, detail, at, n)
+                   ORDER BY n""",
+                [deal_id for deal_id, _, _, _ in self.events],
+                [type_ for _, type_, _, _ in self.events],
+                [detail for _, _, detail, _ in self.events],
+                [at for _, _, _, at in self.events],
+            )
+        if self.transfers:
+            rows = [row for row, _ in self.transfers]
+            await conn.execute(
+                """INSERT INTO transfers (transfer_id, deal_id, party, chain, asset, escrow_address, escrow_index,
+                                          purpose, to_address, amount, fee_from_amount, phase, status)
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                        $7::bigint[], $8::text[], $9::text[], $10::numeric[], $11::boolean[],
+                                        $12::int[], $13::text[])""",
+                [r.transfer_id for r in rows],
+                [r.deal_id for r in rows],
+                [r.party.value for r in rows],
+                [r.chain for r in rows],
+                [r.asset for r in rows],
+                [r.escrow_address for r in rows],
+                [r.escrow_index for r in rows],
+                [r.purpose for r in rows],
+                [r.to_address for r in rows],
+                [r.amount for r in rows],
+                [r.fee_from_amount for r in rows],
+                [r.phase for r in rows],
+                [status for _, status in self.transfers],
+            )
+        if self.commanded:
+            await conn.execute(
+                """UPDATE transfers SET status = 'COMMANDED', updated_at = now()
+                   WHERE transfer_id = ANY($1::text[]) AND status = 'PLANNED'""",
+                self.commanded,
+            )
 
 
 async def mark_funded(conn: Connection, deal_id: str, party: Party, now: datetime) -> None:
