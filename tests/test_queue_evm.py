@@ -611,6 +611,32 @@ async def test_transfers_signed_together_count_what_the_ones_before_them_take(ha
     assert await h.eth.balance(deal.bob_recipient) == 6 * ETH // 10
 
 
+async def test_a_report_at_the_threshold_confirms_only_what_the_node_shows_there(harness: Harness) -> None:
+    h = harness
+    # A sweep every 30 s: what happens below comes from the reports, not from the workers' periodic looks.
+    await h.start_queue(poll_seconds="30")
+    deal = await funded_deal(h, "d-report", 14, ETH)
+    await h.command(deal, "r-0", TransferPurpose.SWAP_PAYOUT, ETH // 2, deal.bob_recipient)
+    submitted = await h.first(TransferSubmitted, "r-0")
+    await h.mined(submitted.txid)  # in a block of its own (anvil mines each transaction)
+
+    # The threshold is 2; the node shows 1.
+    await h.confirmation(submitted.txid, 2)
+    await asyncio.sleep(1.5)
+    assert not h.of(TransferConfirmed, "r-0"), "a report ahead of the node confirms nothing"
+
+    await h.mine(1)
+    await h.confirmation(submitted.txid, 2)
+    confirmed = await h.first(TransferConfirmed, "r-0", timeout=5.0)
+    receipt = await h.mined(submitted.txid)
+    assert (confirmed.txid, confirmed.block_number) == (submitted.txid, int(receipt["blockNumber"], 16))
+    assert confirmed.confirmations >= 2
+    assert confirmed.amount_sent == ETH // 2
+    assert confirmed.fee_paid == int(receipt["gasUsed"], 16) * int(receipt["effectiveGasPrice"], 16)
+    rows = await h.rows("SELECT status, confirmations FROM transfers WHERE transfer_id = 'r-0'")
+    assert [(r["status"], r["confirmations"]) for r in rows] == [("CONFIRMED", confirmed.confirmations)]
+
+
 async def test_command_to_broadcast_latency(harness: Harness) -> None:
     h = harness
     queue = await h.start_queue()

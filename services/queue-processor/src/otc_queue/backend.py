@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import msgspec
 
 from otc_common.registry import Chain
-from otc_queue.rules import Outflow, Refused, Seen, TransferOrder, TxPlan, Wait
+from otc_queue.rules import Outflow, Receipt, Refused, Seen, TransferOrder, TxPlan, Wait
 from otc_queue.store import InFlight
 
 
@@ -79,6 +79,14 @@ class ChainBackend(Protocol):
 
     async def look(self, sender: str, transfers: Sequence[InFlight]) -> Seen:
         """One look at the chain for a sender's signed transfers."""
+        ...
+
+    async def receipts(self, txids: Sequence[str]) -> tuple[int, dict[str, Receipt]]:
+        """The tip and the receipts of the mined ones of `txids`, with one request."""
+        ...
+
+    def is_native(self, asset: str) -> bool:
+        """Whether `asset` is the chain's own coin (a transaction's value) rather than a token."""
         ...
 
     def amount_sent(self, order: TransferOrder, plan: TxPlan) -> int:

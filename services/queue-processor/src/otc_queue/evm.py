@@ -269,19 +269,13 @@ class EvmBackend:
         known: set[str] = set()
         for i, txid in enumerate(txids):
             receipt, found = answers[2 * i], answers[2 * i + 1]
-            if isinstance(receipt, RpcError) or isinstance(found, RpcError):
-                raise RpcUnavailable(f"looking up {txid}: {receipt if isinstance(receipt, RpcError) else found}")
+            if isinstance(found, RpcError):
+                raise RpcUnavailable(f"looking up {txid}: {found}")
             if isinstance(found, dict):
                 known.add(txid)
-            if isinstance(receipt, dict) and receipt.get("blockNumber") is not None:
-                receipts[txid] = Receipt(
-                    txid=txid,
-                    block_number=as_int(receipt["blockNumber"], "receipt block"),
-                    block_hash=str(receipt.get("blockHash") or ""),
-                    success=receipt.get("status") == "0x1",
-                    gas_used=as_int(receipt.get("gasUsed"), "gasUsed"),
-                    effective_gas_price=as_int(receipt.get("effectiveGasPrice"), "effectiveGasPrice"),
-                )
+            mined = _receipt(txid, receipt)
+            if mined is not None:
+                receipts[txid] = mined
         return Seen(
             tip=as_int(answers[-1], "eth_blockNumber"),
             account_nonce=as_int(answers[-2], "eth_getTransactionCount"),
@@ -289,5 +283,32 @@ class EvmBackend:
             known=frozenset(known),
         )
 
+    async def receipts(self, txids: Sequence[str]) -> tuple[int, dict[str, Receipt]]:
+        """The tip and the receipts of those of `txids` that are mined, with one request (the tip read last, so it
+        is never older than a receipt)."""
+        calls: list[tuple[str, list[Any]]] = [("eth_getTransactionReceipt", [txid]) for txid in txids]
+        answers = await self.rpc.batch([*calls, ("eth_blockNumber", [])])
+        found = {txid: mined for txid, answer in zip(txids, answers, strict=False) if (mined := _receipt(txid, answer))}
+        return as_int(answers[-1], "eth_blockNumber"), found
+
+    def is_native(self, asset: str) -> bool:
+        return self.chain.assets[asset].native
+
     async def close(self) -> None:
         await self.rpc.close()
+
+
+def _receipt(txid: str, answer: Any) -> Receipt | None:
+    """A transaction's receipt if it is mined; a failed read raises rather than pass for "not mined"."""
+    if isinstance(answer, RpcError):
+        raise RpcUnavailable(f"looking up {txid}: {answer}")
+    if not isinstance(answer, dict) or answer.get("blockNumber") is None:
+        return None
+    return Receipt(
+        txid=txid,
+        block_number=as_int(answer["blockNumber"], "receipt block"),
+        block_hash=str(answer.get("blockHash") or ""),
+        success=answer.get("status") == "0x1",
+        gas_used=as_int(answer.get("gasUsed"), "gasUsed"),
+        effective_gas_price=as_int(answer.get("effectiveGasPrice"), "effectiveGasPrice"),
+    )

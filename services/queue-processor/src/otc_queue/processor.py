@@ -121,6 +121,12 @@ class RunNotes:
         self.standings: dict[str, tuple[store.Standing, str, str, str | None]] = {}
         #: The blocks candidates were seen mined in, by chain and txid, written at the run's end.
         self.mined: dict[str, dict[str, tuple[int, str | None]]] = {}
+        #: Per chain, the node's tip and the receipts of the run's transactions reported at the threshold, read once
+        #: for the run; a chain whose node could not be read is left out.
+        self.at_node: dict[str, tuple[int, dict[str, rules.Receipt]]] = {}
+        #: Transfers the node shows at the threshold, recorded as done at the run's end: (owner row, receipt,
+        #: confirmations) by transfer id.
+        self.confirmed: dict[str, tuple[asyncpg.Record, rules.Receipt, int]] = {}
 
     def wake(self, key: SenderKey, *, sign: bool = False, check: bool = False) -> None:
         self.wakes.append((key, sign, check))
@@ -132,6 +138,8 @@ class RunNotes:
         self.commands.clear()
         self.standings.clear()
         self.mined.clear()
+        self.at_node.clear()
+        self.confirmed.clear()
 
 
 TouchingHandler = Callable[[Connection, Envelope, Message, RunNotes], Awaitable[None]]
@@ -508,15 +516,27 @@ class Processor:
         if message.confirmations > 0 and message.block_number is not None and not noted:
             # Remembered (once per block) so that, should a reorg unmine it, these same bytes go out again.
             notes.mined.setdefault(message.chain, {})[txid] = (message.block_number, message.block_hash)
-        if not progress:
-            notes.wake((message.chain, owner["escrow_address"]), check=True)
+        if progress:
+            return
+        at_node = notes.at_node.get(message.chain)
+        receipt = at_node[1].get(txid) if at_node is not None else None
+        if backend is not None and at_node is not None and receipt is not None:
+            confirmations = at_node[0] - receipt.block_number + 1
+            if confirmations >= backend.chain.confirmations:
+                # The node agrees that it is at the threshold: done here, without a look of the sender's worker.
+                notes.confirmed[owner["transfer_id"]] = (owner, receipt, confirmations)
+                return
+        notes.wake((message.chain, owner["escrow_address"]), check=True)
 
     async def record_standings(self, conn: Connection, notes: RunNotes) -> None:
         """Writes what a run of confirmations noted: transfers' standings (each change reported once), then the
-        blocks candidates were mined in (the transfer rows before the candidate rows, as the workers take them,
-        so that a run never deadlocks with a worker)."""
+        blocks candidates were mined in, then the transfers done. The transfer rows are locked first, in id order and
+        all at once, then the candidate rows, as the workers take them, so that a run never deadlocks with a worker."""
+        if notes.standings or notes.confirmed:
+            await store.lock_transfers(conn, [*notes.standings, *notes.confirmed])
         if notes.standings:
-            changed = await store.set_standings(conn, [standing for standing, _, _, _ in notes.standings.values()])
+            standings = [standing for standing, _, _, _ in notes.standings.values()]
+            changed = await store.set_standings(conn, standings, locked=True)
             for transfer_id in sorted(changed):
                 standing, deal_id, chain, block_hash = notes.standings[transfer_id]
                 await emit(
@@ -535,6 +555,31 @@ class Processor:
                 )
         for chain, mined in notes.mined.items():
             await (utxo_store if chain in self.utxo else store).note_mined_many(conn, mined)
+        if notes.confirmed:
+            await self._confirm_reported(conn, notes)
+
+    async def _confirm_reported(self, conn: Connection, notes: RunNotes) -> None:
+        outcomes = []
+        for transfer_id, (owner, receipt, confirmations) in sorted(notes.confirmed.items()):
+            backend = self.backends[owner["chain"]]
+            native = backend.is_native(owner["asset"])
+            outcome = store.Outcome(
+                transfer_id=transfer_id,
+                txid=receipt.txid,
+                block_number=receipt.block_number,
+                confirmations=confirmations,
+                amount_sent=(int(owner["value"]) if native else int(owner["amount"])) if receipt.success else 0,
+                fee_paid=receipt.fee,
+                success=receipt.success,
+                reason=None if receipt.success else reverted(receipt),
+            )
+            outcomes.append((owner, outcome))
+        done = await store.confirm_many(conn, [outcome for _, outcome in outcomes], locked=True)
+        for owner, outcome in outcomes:
+            if outcome.transfer_id not in done:
+                continue
+            await self._report_outcome(conn, outcome, owner["deal_id"], owner["chain"])
+            self._finished(outcome, owner["deal_id"], owner["chain"], owner["signed_at"], [outcome.txid])
 
     async def read_owners(self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes) -> None:
         """The candidates a run's confirmations are about, one statement per chain instead of one per event. (A
@@ -548,6 +593,24 @@ class Processor:
             found = await kind.candidate_owners(conn, chain, sorted(txids))
             for txid in txids:
                 notes.owners[(chain, txid)] = found.get(txid)
+        await self._read_at_node(fresh, notes)
+
+    async def _read_at_node(self, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes) -> None:
+        """The node's receipts of the run's signed EVM transactions reported at the threshold, one request per chain:
+        each is then confirmed by the run itself. Without an answer, their senders' workers look at the node instead."""
+        by_chain: dict[str, set[str]] = {}
+        for _, message in fresh:
+            if not isinstance(message, TxConfirmation) or message.chain not in self.backends:
+                continue
+            owner = notes.owners.get((message.chain, message.txid.lower()))
+            at_threshold = message.confirmations >= self.backends[message.chain].chain.confirmations
+            if at_threshold and owner is not None and owner["status"] == "SIGNED":
+                by_chain.setdefault(message.chain, set()).add(message.txid.lower())
+        for chain, txids in by_chain.items():
+            try:
+                notes.at_node[chain] = await self.backends[chain].receipts(sorted(txids))
+            except TRANSIENT as exc:
+                log.warning("confirmations left to the senders' looks: %s", exc, extra={"chain": chain})
 
     async def read_open_senders(
         self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes
@@ -922,60 +985,65 @@ class Processor:
             if newly_mined:
                 await store.note_mined_many(conn, newly_mined)
             for flight, _, outcome in outcomes:
-                await self._report_outcome(conn, flight.order, outcome)
+                await self._report_outcome(conn, outcome, flight.order.deal_id, flight.order.chain)
         for flight, _, outcome in outcomes:
-            order = flight.order
-            self._nonce_taken_since.pop(order.transfer_id, None)
-            for candidate in flight.candidates:
-                self._last_send.pop(candidate.txid, None)
-            first_signed = flight.candidates[0].signed_at.timestamp()
-            metrics.BROADCAST_TO_CONFIRMED.labels(order.chain).observe(max(0.0, time.time() - first_signed))
-            if outcome.success:
-                metrics.CONFIRMED.labels(order.chain).inc()
-            else:
-                metrics.FAILED.labels(order.chain, "false").inc()
-            log.info(
-                "confirmed" if outcome.success else "reverted",
-                extra={
-                    "transfer_id": order.transfer_id,
-                    "deal_id": order.deal_id,
-                    "chain": order.chain,
-                    "txid": outcome.txid,
-                    "block_number": outcome.block_number,
-                    "amount_sent": outcome.amount_sent,
-                    "fee_paid": outcome.fee_paid,
-                    "candidates": len(flight.candidates),
-                },
-            )
+            txids = [candidate.txid for candidate in flight.candidates]
+            self._finished(outcome, flight.order.deal_id, flight.order.chain, flight.candidates[0].signed_at, txids)
 
-    async def _report_outcome(self, conn: Connection, order: TransferOrder, outcome: store.Outcome) -> None:
+    def _finished(
+        self, outcome: store.Outcome, deal_id: str, chain: str, first_signed: datetime, txids: list[str]
+    ) -> None:
+        """Forgets what was kept in memory about a transfer now done, and says so."""
+        self._nonce_taken_since.pop(outcome.transfer_id, None)
+        for txid in txids:
+            self._last_send.pop(txid, None)
+        metrics.BROADCAST_TO_CONFIRMED.labels(chain).observe(max(0.0, time.time() - first_signed.timestamp()))
+        if outcome.success:
+            metrics.CONFIRMED.labels(chain).inc()
+        else:
+            metrics.FAILED.labels(chain, "false").inc()
+        log.info(
+            "confirmed" if outcome.success else "reverted",
+            extra={
+                "transfer_id": outcome.transfer_id,
+                "deal_id": deal_id,
+                "chain": chain,
+                "txid": outcome.txid,
+                "block_number": outcome.block_number,
+                "amount_sent": outcome.amount_sent,
+                "fee_paid": outcome.fee_paid,
+                "candidates": len(txids),
+            },
+        )
+
+    async def _report_outcome(self, conn: Connection, outcome: store.Outcome, deal_id: str, chain: str) -> None:
         result: Message
         if outcome.success:
             result = TransferConfirmed(
-                transfer_id=order.transfer_id,
-                deal_id=order.deal_id,
-                chain=order.chain,
+                transfer_id=outcome.transfer_id,
+                deal_id=deal_id,
+                chain=chain,
                 txid=outcome.txid,
                 block_number=outcome.block_number,
                 confirmations=outcome.confirmations,
                 amount_sent=outcome.amount_sent,
                 fee_paid=outcome.fee_paid,
             )
-            event_id = stable_event_id("queue", "confirmed", order.transfer_id)
+            event_id = stable_event_id("queue", "confirmed", outcome.transfer_id)
         else:
             # The nonce and the fee are spent; sending the same again would fail the same way.
             assert outcome.reason is not None
             result = TransferFailed(
-                transfer_id=order.transfer_id,
-                deal_id=order.deal_id,
-                chain=order.chain,
+                transfer_id=outcome.transfer_id,
+                deal_id=deal_id,
+                chain=chain,
                 reason=outcome.reason,
                 retryable=False,
             )
-            event_id = stable_event_id("queue", "failed", order.transfer_id)
-            detail = f"{order.transfer_id}: {outcome.reason}"
-            await self._alert_in(conn, "payout_reverted", detail, order.chain, order.deal_id)
-        await emit(conn, subjects.queue_result(order.chain), result, event_id=event_id)
+            event_id = stable_event_id("queue", "failed", outcome.transfer_id)
+            detail = f"{outcome.transfer_id}: {outcome.reason}"
+            await self._alert_in(conn, "payout_reverted", detail, chain, deal_id)
+        await emit(conn, subjects.queue_result(chain), result, event_id=event_id)
 
     async def _rebroadcast(self, backend: ChainBackend, flight: InFlight, action: rules.Rebroadcast) -> None:
         order = flight.order

@@ -444,10 +444,15 @@ async def in_flight(conn: Connection | Pool, chain: str, sender: str) -> list[In
     return [InFlight(row=row, candidates=by_transfer.get(row["transfer_id"], [])) for row in rows]
 
 
+#: What a confirmation needs of the candidate it is about and of that candidate's transfer.
+_OWNER_COLUMNS = """c.transfer_id, c.mined_block, c.mined_hash, c.value, c.signed_at, t.deal_id, t.chain,
+                    t.escrow_address, t.status, t.asset, t.amount"""
+
+
 async def candidate_owner(conn: Connection, chain: str, txid: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        """SELECT c.transfer_id, c.mined_block, c.mined_hash, t.deal_id, t.escrow_address, t.status
-           FROM candidates c JOIN transfers t USING (transfer_id) WHERE c.txid = $1 AND t.chain = $2""",
+        f"""SELECT {_OWNER_COLUMNS} FROM candidates c JOIN transfers t USING (transfer_id)
+            WHERE c.txid = $1 AND t.chain = $2""",
         txid,
         chain,
     )
@@ -456,8 +461,8 @@ async def candidate_owner(conn: Connection, chain: str, txid: str) -> asyncpg.Re
 async def candidate_owners(conn: Connection, chain: str, txids: list[str]) -> dict[str, asyncpg.Record]:
     """`candidate_owner` of several transactions at once, by txid."""
     rows = await conn.fetch(
-        """SELECT c.txid, c.transfer_id, c.mined_block, c.mined_hash, t.deal_id, t.escrow_address, t.status
-           FROM candidates c JOIN transfers t USING (transfer_id) WHERE c.txid = ANY($1::text[]) AND t.chain = $2""",
+        f"""SELECT c.txid, {_OWNER_COLUMNS} FROM candidates c JOIN transfers t USING (transfer_id)
+            WHERE c.txid = ANY($1::text[]) AND t.chain = $2""",
         txids,
         chain,
     )
@@ -480,11 +485,19 @@ class Standing:
     confirmations: int
 
 
-async def set_standings(conn: Connection, standings: Sequence[Standing]) -> set[str]:
-    """`set_standing` for several transfers in two statements: the ids whose standing changed. The rows are
-    locked in id order first, so that runs doing this side by side never deadlock."""
-    ids = sorted({s.transfer_id for s in standings})
-    await conn.execute("SELECT FROM transfers WHERE transfer_id = ANY($1::text[]) ORDER BY transfer_id FOR UPDATE", ids)
+async def lock_transfers(conn: Connection, transfer_ids: Sequence[str]) -> None:
+    """Locks transfer rows in id order: transactions that update several at once never deadlock on each other."""
+    await conn.execute(
+        "SELECT FROM transfers WHERE transfer_id = ANY($1::text[]) ORDER BY transfer_id FOR UPDATE",
+        sorted(set(transfer_ids)),
+    )
+
+
+async def set_standings(conn: Connection, standings: Sequence[Standing], *, locked: bool = False) -> set[str]:
+    """`set_standing` for several transfers: the ids whose standing changed. The rows are locked in id order first
+    (`lock_transfers`), unless the caller has (`locked`)."""
+    if not locked:
+        await lock_transfers(conn, [s.transfer_id for s in standings])
     rows = await conn.fetch(
         """UPDATE transfers AS t SET txid = u.txid, block_number = u.block_number, confirmations = u.confirmations
            FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[])
@@ -547,14 +560,11 @@ async def confirm(conn: Connection, outcome: Outcome) -> bool:
     return outcome.transfer_id in await confirm_many(conn, [outcome])
 
 
-async def confirm_many(conn: Connection, outcomes: Sequence[Outcome]) -> set[str]:
+async def confirm_many(conn: Connection, outcomes: Sequence[Outcome], *, locked: bool = False) -> set[str]:
     """Records signed transfers as done (CONFIRMED, or FAILED when reverted): the ids that were still SIGNED. Several
-    are locked in id order first, like `set_standings`, so that the two never deadlock."""
-    ids = sorted(o.transfer_id for o in outcomes)
-    if len(ids) > 1:
-        await conn.execute(
-            "SELECT FROM transfers WHERE transfer_id = ANY($1::text[]) ORDER BY transfer_id FOR UPDATE", ids
-        )
+    are locked in id order first (`lock_transfers`), unless the caller has (`locked`)."""
+    if len(outcomes) > 1 and not locked:
+        await lock_transfers(conn, [o.transfer_id for o in outcomes])
     rows = await conn.fetch(
         """UPDATE transfers AS t SET status = u.status, txid = u.txid, block_number = u.block_number,
                   confirmations = u.confirmations, amount_sent = u.amount_sent, fee_paid = u.fee_paid,
