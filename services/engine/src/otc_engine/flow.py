@@ -190,6 +190,18 @@ async def load_many(conn: Connection, deals: Sequence[asyncpg.Record], registry:
     return facts
 
 
+class HaltedChains:
+    """The chains halted by a deep reorg, read once for a transaction's deals, and only if one has a command."""
+
+    def __init__(self) -> None:
+        self._chains: set[str] | None = None
+
+    async def read(self, conn: Connection) -> set[str]:
+        if self._chains is None:
+            self._chains = await store.halted_chains(conn)
+        return self._chains
+
+
 class Flow:
     def __init__(self, registry: Registry, post_close_window: timedelta) -> None:
         self.registry = registry
@@ -246,7 +258,7 @@ class Flow:
         if facts is None:
             return []
         writes = store.DealWrites()
-        transitions = await self.advance_loaded(conn, facts, now, await store.halted_chains(conn), writes)
+        transitions = await self.advance_loaded(conn, facts, now, HaltedChains(), writes)
         await writes.store(conn)
         return transitions
 
@@ -258,14 +270,14 @@ class Flow:
         locked = await store.lock_deals(conn, sorted(set(deal_ids)))
         if not locked:
             return
-        halted = await store.halted_chains(conn)
         writes = store.DealWrites()
+        halted = HaltedChains()
         for facts in await load_many(conn, locked, self.registry):
             await self.advance_loaded(conn, facts, now, halted, writes)
         await writes.store(conn)
 
     async def advance_loaded(
-        self, conn: Connection, facts: DealFacts, now: datetime, halted: set[str], writes: store.DealWrites
+        self, conn: Connection, facts: DealFacts, now: datetime, halted: HaltedChains, writes: store.DealWrites
     ) -> list[Transition]:
         """Re-evaluates a loaded deal; what it writes goes into `writes`, for the caller to store."""
         deal_id = facts.deal_id
@@ -287,17 +299,22 @@ class Flow:
         closed_at = now if transitions and stage is Stage.CLOSED else facts.deal["closed_at"]
         if stage is Stage.CLOSED and closed_at is not None and now - closed_at > self.post_close_window:
             return transitions
+        planned = await self.plan(conn, facts, stage)
+        waiting = [row for row in facts.transfers if row["status"] == "PLANNED"]
+        if not planned and not waiting:
+            return transitions
         # Safeguard 8: nothing is commanded on a chain halted by a deep reorg; it stays planned until resumed.
-        for row in facts.transfers:
-            if row["status"] == "PLANNED" and row["chain"] not in halted:
+        stopped = await halted.read(conn)
+        for row in waiting:
+            if row["chain"] not in stopped:
                 await _send_command(conn, _planned_of(row))
                 writes.commanded.append(row["transfer_id"])
-        for planned in await self.plan(conn, facts, stage):
-            if planned.chain in halted:
-                writes.transfers.append((planned, "PLANNED"))
+        for planned_transfer in planned:
+            if planned_transfer.chain in stopped:
+                writes.transfers.append((planned_transfer, "PLANNED"))
             else:
-                await _send_command(conn, planned)
-                writes.transfers.append((planned, "COMMANDED"))
+                await _send_command(conn, planned_transfer)
+                writes.transfers.append((planned_transfer, "COMMANDED"))
         return transitions
 
     async def plan(self, conn: Connection, facts: DealFacts, stage: Stage) -> list[store.PlannedTransfer]:

@@ -13,7 +13,7 @@ import asyncpg
 
 from otc_common import subjects
 from otc_common.addresses import AddressError
-from otc_common.bus import emit
+from otc_common.bus import emit, emitted_together
 from otc_common.db import Connection, Pool
 from otc_common.errors import AppError, ErrorCode
 from otc_common.keys import EscrowKeyring
@@ -138,7 +138,7 @@ class Engine:
             else (f"{params.alice.amount} {alice_asset.symbol} ⇄ {params.bob.amount} {bob_asset.symbol}")
         )
         now = now_utc()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction(), emitted_together(conn):
             sides = []
             for party, chain, asset, amount in (
                 (Party.ALICE, alice_chain, alice_asset, alice_amount),
@@ -189,7 +189,7 @@ class Engine:
 
     async def fill_party_details(self, params: FillPartyDetailsParams) -> dict[str, Any]:
         now = now_utc()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction(), emitted_together(conn):
             deal = await self._locked_deal(conn, params.deal_id)
             sides = await store.get_sides(conn, params.deal_id)
             own = sides[params.party]
@@ -231,12 +231,13 @@ class Engine:
                 {"party": params.party.value},
                 now,
             )
-            await self.advance(conn, params.deal_id, now)
+            # Filling details changes the sides, not the deal's row: the one locked above is current.
+            await self.advance(conn, params.deal_id, now, deal)
         return {"ok": True}
 
     async def cancel_deal(self, params: CancelDealParams) -> dict[str, Any]:
         now = now_utc()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction(), emitted_together(conn):
             deal = await self._locked_deal(conn, params.deal_id)
             sides = await store.get_sides(conn, params.deal_id)
             if self._party_of(params.token, sides) is None:
