@@ -567,6 +567,33 @@ async def test_a_stuck_transaction_is_replaced_by_fee_and_exactly_one_candidate_
     print(f"fees of the candidates: {[int(row['fee']) for row in rows]} sat for {rows[0]['vsize']} vB")
 
 
+async def test_a_report_at_the_threshold_confirms_only_what_the_server_shows_there(harness: Harness) -> None:
+    h = harness
+    # A slow sweep: what happens below comes from the reports, not from the workers' periodic looks.
+    await h.start_queue(poll_seconds="60")
+    deal = await funded_deal(h, "u-report", 11, COIN)
+    await h.command(deal, "u-report", TransferPurpose.SWAP_PAYOUT, 30_000_000, deal.bob_recipient)
+    submitted = await h.first(TransferSubmitted, "u-report")
+    await h.mempool(submitted.txid)
+    fee = await h.fee_of(submitted.txid)
+    await h.mine(1)
+
+    # The threshold is 2; the server shows 1.
+    await h.confirmation(submitted.txid, 2)
+    await asyncio.sleep(1.5)
+    assert not h.of(TransferConfirmed, "u-report"), "a report ahead of the server confirms nothing"
+
+    await h.mine(1)
+    await h.confirmation(submitted.txid, 2)
+    confirmed = await h.first(TransferConfirmed, "u-report", timeout=5.0)
+    assert confirmed.txid == submitted.txid
+    assert confirmed.block_number == await h.devnet.height() - 1
+    assert (confirmed.amount_sent, confirmed.fee_paid) == (30_000_000, fee)
+    assert confirmed.confirmations >= 2
+    rows = await h.rows("SELECT status, confirmations FROM transfers WHERE transfer_id = 'u-report'")
+    assert [(r["status"], r["confirmations"]) for r in rows] == [("CONFIRMED", confirmed.confirmations)]
+
+
 async def test_a_reorg_that_drops_the_payout_sends_the_same_bytes_again(harness: Harness) -> None:
     h = harness
     # A slow sweep: here the watcher's TxConfirmation is what moves the queue.

@@ -85,6 +85,8 @@ class EvmBackend:
         self._seed = seed
         self.rpc = rpc
         self._keys: OrderedDict[int, LocalAccount] = OrderedDict()
+        #: The tip the last read saw.
+        self._tip: int | None = None
 
     def __repr__(self) -> str:
         return f"EvmBackend({self.chain.id})"
@@ -115,9 +117,16 @@ class EvmBackend:
         return (await self.read_many([order], estimate=estimate))[0]
 
     async def read_many(self, orders: Sequence[TransferOrder], *, estimate: bool) -> list[EvmReading | Wait]:
-        """What signing each of one sender's transfers needs, read for all of them at once."""
+        """What signing each of one sender's transfers needs, read for all of them at once.
+
+        The escrow's standing is read at the latest block and at the newest block with the threshold of
+        confirmations. That block is reckoned from the tip this backend last saw, so that one request reads it all;
+        a block older than the one reckoned from the tip read now only counts fewer deposits. Without a tip seen
+        before, or when the node's tip went back since, a second request reads at the block the tip read now gives.
+        """
         sender = orders[0].escrow_address
-        first: list[tuple[str, list[Any]]] = [
+        tokens = sorted({token for order in orders if (token := self._token(order)) is not None})
+        calls: list[tuple[str, list[Any]]] = [
             ("eth_getBlockByNumber", ["latest", False]),
             ("eth_maxPriorityFeePerGas", []),
         ]
@@ -126,27 +135,28 @@ class EvmBackend:
             token = self._token(order)
             if token is not None and estimate:
                 call = {"from": sender, "to": token, "data": "0x" + token_transfer_data(order.to, order.amount).hex()}
-                estimated[i] = len(first)
-                first.append(("eth_estimateGas", [call, "latest"]))
-        heads = await self.rpc.batch(first)
+                estimated[i] = len(calls)
+                calls.append(("eth_estimateGas", [call, "latest"]))
+        reckoned = None if self._tip is None else confirmed_block(self._tip, self.chain.confirmations)
+        standing_at = len(calls)
+        if reckoned is not None and reckoned >= 0:
+            calls += self._standing_calls(sender, tokens, ["latest", hex(reckoned)])
+        heads = await self.rpc.batch(calls)
         block = heads[0]
         if not isinstance(block, dict):
             raise RpcUnavailable("eth_getBlockByNumber: no latest block")
         tip = as_int(block.get("number"), "block number")
+        self._tip = tip
         base_fee = as_int(block.get("baseFeePerGas") or "0x0", "base fee")
         market = Market(base_fee=base_fee, priority_fee=await self._priority_fee(heads[1], base_fee))
         confirmed = confirmed_block(tip, self.chain.confirmations)
         if confirmed < 0:
             return [Wait("the chain is shorter than its confirmation threshold")] * len(orders)
-        blocks = sorted({tip, confirmed})
-        tokens = sorted({token for order in orders if (token := self._token(order)) is not None})
-        second: list[tuple[str, list[Any]]] = []
-        for number in blocks:
-            tag = hex(number)
-            second += [("eth_getBalance", [sender, tag]), ("eth_getTransactionCount", [sender, tag])]
-            data = BALANCE_OF_SELECTOR + sender[2:].lower().rjust(64, "0")
-            second += [("eth_call", [{"to": token, "data": data}, tag]) for token in tokens]
-        answers = await self.rpc.batch(second)
+        if reckoned is not None and 0 <= reckoned <= confirmed:
+            blocks, answers = [tip, reckoned], heads[standing_at:]
+        else:
+            blocks = [tip, confirmed]
+            answers = await self.rpc.batch(self._standing_calls(sender, tokens, [hex(tip), hex(confirmed)]))
         per_block = 2 + len(tokens)
         # Per token (None: the native coin), the escrow's standing at each block.
         states: dict[str | None, list[AccountAt]] = {None: []}
@@ -169,6 +179,16 @@ class EvmBackend:
                 gas_limit = with_margin(as_int(gas, "gas estimate"))
             readings.append(EvmReading(tip=tip, market=market, states=states[self._token(order)], gas_limit=gas_limit))
         return readings
+
+    @staticmethod
+    def _standing_calls(sender: str, tokens: Sequence[str], tags: Sequence[str]) -> list[tuple[str, list[Any]]]:
+        """The escrow's balance and nonce, and its balance of each token, at each of `tags`."""
+        calls: list[tuple[str, list[Any]]] = []
+        data = BALANCE_OF_SELECTOR + sender[2:].lower().rjust(64, "0")
+        for tag in tags:
+            calls += [("eth_getBalance", [sender, tag]), ("eth_getTransactionCount", [sender, tag])]
+            calls += [("eth_call", [{"to": token, "data": data}, tag]) for token in tokens]
+        return calls
 
     async def _priority_fee(self, answer: Any, base_fee: int) -> int:
         if not isinstance(answer, RpcError):

@@ -33,7 +33,7 @@ from otc_common import subjects
 from otc_common.addresses import AddressError, evm_checksum_address, validate_utxo_address
 from otc_common.bus import Bus, ConsumerRunner, emit, emitted_together
 from otc_common.db import DATABASE_TRANSIENT, Connection, Pool
-from otc_common.electrum import ElectrumClient
+from otc_common.electrum import ElectrumClient, ElectrumTimeout, ElectrumUnavailable
 from otc_common.keys import EscrowKeyring
 from otc_common.messages import (
     AlertRaised,
@@ -97,6 +97,8 @@ DEALS = ConsumerSpec(
 IN_FLIGHT_RECHECK_SWEEPS = 5
 #: Failures a worker waits out: the sweep wakes it again.
 TRANSIENT: tuple[type[Exception], ...] = (RpcUnavailable, RpcError, *DATABASE_TRANSIENT)
+#: A node or Electrum server that gave no usable answer.
+UNREACHABLE: tuple[type[Exception], ...] = (RpcUnavailable, RpcError, ElectrumUnavailable, ElectrumTimeout)
 
 #: Queued transfers a sender's worker reads at once.
 QUEUED_READ = 8
@@ -127,6 +129,11 @@ class RunNotes:
         #: Transfers the node shows at the threshold, recorded as done at the run's end: (owner row, receipt,
         #: confirmations) by transfer id.
         self.confirmed: dict[str, tuple[asyncpg.Record, rules.Receipt, int]] = {}
+        #: The same for UTXO chains: per chain, the server's tip and the heights of the transactions in the histories
+        #: of the escrows whose one-transaction transfers the run's reports put at the threshold...
+        self.at_server: dict[str, tuple[int, dict[str, int]]] = {}
+        #: ...and those transfers, done: (owner row, txid, height, confirmations) by transfer id.
+        self.confirmed_utxo: dict[str, tuple[asyncpg.Record, str, int, int]] = {}
 
     def wake(self, key: SenderKey, *, sign: bool = False, check: bool = False) -> None:
         self.wakes.append((key, sign, check))
@@ -140,6 +147,8 @@ class RunNotes:
         self.mined.clear()
         self.at_node.clear()
         self.confirmed.clear()
+        self.at_server.clear()
+        self.confirmed_utxo.clear()
 
 
 TouchingHandler = Callable[[Connection, Envelope, Message, RunNotes], Awaitable[None]]
@@ -499,15 +508,19 @@ class Processor:
         if owner is None or owner["status"] != "SIGNED":
             return
         backend = self.backends.get(message.chain)
+        payouts = self.utxo.get(message.chain)
+        known = self.registry.chains.get(message.chain)
+        threshold = known.confirmations if known is not None else 0
+        # A transfer of one transaction stands where its transaction does; one of several UTXO transactions stands
+        # where its least confirmed one does, which its worker's look tells.
+        reported = backend is not None or (payouts is not None and owner["legs"] == 1)
         progress = (
-            backend is not None
-            and message.success
-            and 0 < message.confirmations < backend.chain.confirmations
-            and message.block_number is not None
+            reported and message.success and 0 < message.confirmations < threshold and message.block_number is not None
         )
         if progress:
-            # On its way to the threshold the watcher's count is the progress: the sender's worker reads the node
-            # when the transaction is reported at the threshold, or unmined. Written when the run ends.
+            # On its way to the threshold the watcher's count is the progress, written when the run ends. Reported at
+            # the threshold, it is done once the node or the Electrum server shows it there too; reported unmined, or
+            # at the threshold the server does not show yet, the sender's worker looks.
             assert message.block_number is not None
             self.looked_at[(message.chain, owner["escrow_address"])] = time.monotonic()
             standing = store.Standing(owner["transfer_id"], txid, message.block_number, message.confirmations)
@@ -517,6 +530,12 @@ class Processor:
             # Remembered (once per block) so that, should a reorg unmine it, these same bytes go out again.
             notes.mined.setdefault(message.chain, {})[txid] = (message.block_number, message.block_hash)
         if progress:
+            return
+        at_server = notes.at_server.get(message.chain)
+        height = at_server[1].get(txid, 0) if at_server is not None else 0
+        if reported and at_server is not None and height > 0 and at_server[0] - height + 1 >= threshold:
+            # The Electrum server agrees that it is at the threshold: done here, without the worker's look.
+            notes.confirmed_utxo[owner["transfer_id"]] = (owner, txid, height, at_server[0] - height + 1)
             return
         at_node = notes.at_node.get(message.chain)
         receipt = at_node[1].get(txid) if at_node is not None else None
@@ -532,8 +551,8 @@ class Processor:
         """Writes what a run of confirmations noted: transfers' standings (each change reported once), then the
         blocks candidates were mined in, then the transfers done. The transfer rows are locked first, in id order and
         all at once, then the candidate rows, as the workers take them, so that a run never deadlocks with a worker."""
-        if notes.standings or notes.confirmed:
-            await store.lock_transfers(conn, [*notes.standings, *notes.confirmed])
+        if notes.standings or notes.confirmed or notes.confirmed_utxo:
+            await store.lock_transfers(conn, [*notes.standings, *notes.confirmed, *notes.confirmed_utxo])
         if notes.standings:
             standings = [standing for standing, _, _, _ in notes.standings.values()]
             changed = await store.set_standings(conn, standings, locked=True)
@@ -557,6 +576,32 @@ class Processor:
             await (utxo_store if chain in self.utxo else store).note_mined_many(conn, mined)
         if notes.confirmed:
             await self._confirm_reported(conn, notes)
+        if notes.confirmed_utxo:
+            await self._confirm_reported_utxo(conn, notes)
+
+    async def _confirm_reported_utxo(self, conn: Connection, notes: RunNotes) -> None:
+        outcomes = [
+            (
+                owner,
+                store.Outcome(
+                    transfer_id=transfer_id,
+                    txid=txid,
+                    block_number=height,
+                    confirmations=confirmations,
+                    amount_sent=int(owner["to_value"]),
+                    fee_paid=int(owner["fee"]),
+                    success=True,
+                    reason=None,
+                ),
+            )
+            for transfer_id, (owner, txid, height, confirmations) in sorted(notes.confirmed_utxo.items())
+        ]
+        done = await store.confirm_many(conn, [outcome for _, outcome in outcomes], locked=True)
+        for owner, outcome in outcomes:
+            if outcome.transfer_id in done:
+                await self._report_outcome(conn, outcome, owner["deal_id"], owner["chain"])
+                self.utxo[owner["chain"]].forget([outcome.txid])
+                self._finished(outcome, owner["deal_id"], owner["chain"], owner["signed_at"], [outcome.txid])
 
     async def _confirm_reported(self, conn: Connection, notes: RunNotes) -> None:
         outcomes = []
@@ -609,7 +654,20 @@ class Processor:
         for chain, txids in by_chain.items():
             try:
                 notes.at_node[chain] = await self.backends[chain].receipts(sorted(txids))
-            except TRANSIENT as exc:
+            except UNREACHABLE as exc:
+                log.warning("confirmations left to the senders' looks: %s", exc, extra={"chain": chain})
+        escrows: dict[str, set[str]] = {}
+        for _, message in fresh:
+            if not isinstance(message, TxConfirmation) or message.chain not in self.utxo:
+                continue
+            owner = notes.owners.get((message.chain, message.txid.lower()))
+            at_threshold = message.confirmations >= self.utxo[message.chain].chain.confirmations
+            if at_threshold and owner is not None and owner["status"] == "SIGNED" and owner["legs"] == 1:
+                escrows.setdefault(message.chain, set()).add(owner["escrow_address"])
+        for chain, addresses in escrows.items():
+            try:
+                notes.at_server[chain] = await self.utxo[chain].backend.look_many(sorted(addresses))
+            except UNREACHABLE as exc:
                 log.warning("confirmations left to the senders' looks: %s", exc, extra={"chain": chain})
 
     async def read_open_senders(

@@ -184,14 +184,9 @@ async def lock_transfer(conn: Connection, transfer_id: str) -> asyncpg.Record | 
     return await conn.fetchrow("SELECT * FROM transfers WHERE transfer_id = $1 FOR UPDATE", transfer_id)
 
 
-async def head_queued(conn: Connection | Pool, chain: str, sender: str) -> asyncpg.Record | None:
-    """The sender's oldest transfer not signed yet: a sender's transfers are signed in arrival order."""
-    rows = await queued(conn, chain, sender, 1)
-    return rows[0] if rows else None
-
-
 async def queued(conn: Connection | Pool, chain: str, sender: str, limit: int) -> list[asyncpg.Record]:
-    """The sender's oldest transfers not signed yet, oldest first, at most `limit`."""
+    """The sender's oldest transfers not signed yet, oldest first, at most `limit`: a sender's transfers are signed
+    in arrival order."""
     return list(
         await conn.fetch(
             """SELECT * FROM transfers WHERE chain = $1 AND escrow_address = $2 AND status = 'QUEUED'

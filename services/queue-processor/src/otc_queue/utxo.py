@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -178,29 +179,37 @@ class UtxoBackend:
         return UtxoReading(tip=tip, coins=[_coin(item) for item in unspent], rate=rate, relay=relay)
 
     async def look(self, address: str) -> Seen:
-        """The escrow's history (every leg spends an escrow output, so every candidate is in it), as of one tip.
+        """The escrow's history (every leg spends an escrow output, so every candidate is in it), as of one tip."""
+        tip, heights = await self.look_many([address])
+        return Seen(tip=tip, heights=heights)
 
-        The same tip must be there before and after the history is read. A reorg in between would leave the height
-        of a transaction it dropped next to the new branch's higher tip, and the dropped payout would count as
+    async def look_many(self, addresses: Sequence[str]) -> tuple[int, dict[str, int]]:
+        """The histories of escrows as of one tip: the tip, and the height of each transaction in them.
+
+        The same tip must be there before and after the histories are read. A reorg in between would leave the
+        height of a transaction it dropped next to the new branch's higher tip, and the dropped payout would count as
         confirmed, for good. A tip that moved only means reading again (with blocks a second apart and a busy
         server, one in five looks saw a new block; giving up until the next look kept payouts 10 s longer).
         """
         for _ in range(LOOK_ATTEMPTS):
             before = await self._tip_block()
-            history = await self._call("blockchain.scripthash.get_history", self.scripthash(address))
+            histories = await asyncio.gather(
+                *(self._call("blockchain.scripthash.get_history", self.scripthash(address)) for address in addresses)
+            )
             tip, header = await self._tip_block()
             if (tip, header) == before:
                 break
         else:
-            raise RpcUnavailable("the tip moved while the escrow's history was read; it is read again")
-        if not isinstance(history, list):
-            raise RpcUnavailable("blockchain.scripthash.get_history: unexpected answer")
+            raise RpcUnavailable("the tip moved while the escrows' histories were read; they are read again")
         heights: dict[str, int] = {}
-        for item in history:
-            if not isinstance(item, dict):
+        for history in histories:
+            if not isinstance(history, list):
                 raise RpcUnavailable("blockchain.scripthash.get_history: unexpected answer")
-            heights[_txid(item.get("tx_hash"), "history tx_hash")] = _int(item.get("height"), "history height")
-        return Seen(tip=tip, heights=heights)
+            for item in history:
+                if not isinstance(item, dict):
+                    raise RpcUnavailable("blockchain.scripthash.get_history: unexpected answer")
+                heights[_txid(item.get("tx_hash"), "history tx_hash")] = _int(item.get("height"), "history height")
+        return tip, heights
 
     # ----------------------------------------------------------------- signing
 

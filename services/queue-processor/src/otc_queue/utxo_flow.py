@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -65,8 +65,9 @@ class UtxoPayouts:
 
     async def sign_queued(self, worker: Worker) -> None:
         while True:
-            row = await store.head_queued(self.pool, worker.chain, worker.sender)
-            if row is None or not await self._sign_one(row, worker):
+            # Two at a time: whether there is another to sign after this one comes with the same read.
+            rows = await store.queued(self.pool, worker.chain, worker.sender, 2)
+            if not rows or not await self._sign_one(rows[0], worker) or len(rows) < 2:
                 return
 
     def _verdict(
@@ -199,6 +200,14 @@ class UtxoPayouts:
             else:
                 await self._progress(flight, mined, state)
 
+    def forget(self, txids: Iterable[str]) -> None:
+        """Drops what was kept in memory about the transactions of a transfer now done."""
+        for txid in txids:
+            self._last_send.pop(txid, None)
+            self._spent_since.pop(txid, None)
+            self._unbumpable.discard(txid)
+            self._resent_at.pop(txid, None)
+
     def _view(self, candidate: UtxoCandidate) -> Candidate:
         view = candidate.view()
         resent = self._resent_at.get(candidate.txid)
@@ -289,11 +298,7 @@ class UtxoPayouts:
                 ),
                 event_id=stable_event_id("queue", "confirmed", order.transfer_id),
             )
-        for txid in flight.txids:
-            self._last_send.pop(txid, None)
-            self._spent_since.pop(txid, None)
-            self._unbumpable.discard(txid)
-            self._resent_at.pop(txid, None)
+        self.forget(flight.txids)
         first_signed = min(leg.candidates[0].signed_at.timestamp() for leg in flight.legs)
         metrics.BROADCAST_TO_CONFIRMED.labels(order.chain).observe(max(0.0, time.time() - first_signed))
         metrics.CONFIRMED.labels(order.chain).inc()

@@ -179,10 +179,17 @@ async def flight(conn: Connection, transfer_id: str) -> UtxoFlight | None:
     return UtxoFlight(row=row, legs=legs.get(transfer_id, []))
 
 
+#: What a confirmation needs of the candidate it is about and of that candidate's transfer (`legs`: how many
+#: transactions the transfer is).
+_OWNER_COLUMNS = """c.transfer_id, c.mined_block, c.mined_hash, c.to_value, c.fee, c.signed_at, t.deal_id, t.chain,
+                    t.escrow_address, t.status,
+                    (SELECT count(*) FROM utxo_reservations r WHERE r.transfer_id = c.transfer_id) AS legs"""
+
+
 async def candidate_owner(conn: Connection, chain: str, txid: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        """SELECT c.transfer_id, c.mined_block, c.mined_hash, t.escrow_address, t.status
-           FROM utxo_candidates c JOIN transfers t USING (transfer_id) WHERE c.txid = $1 AND t.chain = $2""",
+        f"""SELECT {_OWNER_COLUMNS} FROM utxo_candidates c JOIN transfers t USING (transfer_id)
+            WHERE c.txid = $1 AND t.chain = $2""",
         txid,
         chain,
     )
@@ -191,9 +198,8 @@ async def candidate_owner(conn: Connection, chain: str, txid: str) -> asyncpg.Re
 async def candidate_owners(conn: Connection, chain: str, txids: list[str]) -> dict[str, asyncpg.Record]:
     """`candidate_owner` of several transactions at once, by txid."""
     rows = await conn.fetch(
-        """SELECT c.txid, c.transfer_id, c.mined_block, c.mined_hash, t.escrow_address, t.status
-           FROM utxo_candidates c JOIN transfers t USING (transfer_id)
-           WHERE c.txid = ANY($1::text[]) AND t.chain = $2""",
+        f"""SELECT c.txid, {_OWNER_COLUMNS} FROM utxo_candidates c JOIN transfers t USING (transfer_id)
+            WHERE c.txid = ANY($1::text[]) AND t.chain = $2""",
         txids,
         chain,
     )
