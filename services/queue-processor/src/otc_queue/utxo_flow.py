@@ -115,12 +115,8 @@ class UtxoPayouts:
             if isinstance(plan, Refused):
                 await processor._fail_in(conn, order, plan.reason, alert=False)
                 return True
-            now = datetime.now(UTC)
-            await utxo_store.reserve(conn, order, plan.legs, now)
             signed = [self.backend.sign(order, leg) for leg in plan.legs]
-            for index, (leg, tx) in enumerate(zip(plan.legs, signed, strict=True)):
-                await utxo_store.add_candidate(conn, order.transfer_id, index, 0, tx, leg, now)
-            await utxo_store.mark_signed(conn, order.transfer_id, now)
+            await utxo_store.record_signed(conn, order, plan.legs, signed, datetime.now(UTC))
             await emit(
                 conn,
                 subjects.queue_result(self.chain.id),

@@ -71,26 +71,40 @@ async def reserved(conn: Connection, chain: str, escrow: str) -> set[tuple[str, 
     return {(row["txid"], row["vout"]) for row in rows}
 
 
-async def reserve(conn: Connection, order: TransferOrder, legs: Sequence[Leg], at: datetime) -> None:
-    """Claims the outputs the legs spend; a primary-key violation if another transfer holds one."""
-    await conn.executemany(
-        """INSERT INTO utxo_reservations (chain, txid, vout, escrow_address, transfer_id, leg, value, height,
-                                          reserved_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
-        [
-            (
-                order.chain,
-                leg.coin.txid,
-                leg.coin.vout,
-                order.escrow_address,
-                order.transfer_id,
-                i,
-                leg.coin.value,
-                leg.coin.height,
-                at,
-            )
-            for i, leg in enumerate(legs)
-        ],
+async def record_signed(
+    conn: Connection, order: TransferOrder, legs: Sequence[Leg], signed: Sequence[SignedTx], at: datetime
+) -> None:
+    """A transfer's first transactions, one per leg, in one statement: the outputs they spend claimed (a primary-key
+    violation if another transfer holds one), the transactions stored, the transfer marked signed."""
+    await conn.execute(
+        """WITH claimed AS (
+               INSERT INTO utxo_reservations (chain, txid, vout, escrow_address, transfer_id, leg, value, height,
+                                              reserved_at)
+               SELECT $1, u.txid, u.vout, $2, $3, u.leg, u.value, u.height, $4
+               FROM unnest($5::text[], $6::int[], $7::int[], $8::numeric[], $9::bigint[])
+                    AS u(txid, vout, leg, value, height)
+           ), stored AS (
+               INSERT INTO utxo_candidates (txid, transfer_id, leg, seq, raw, vsize, to_value, change, fee, signed_at)
+               SELECT u.txid, $3, u.leg, 0, u.raw, u.vsize, u.to_value, u.change, u.fee, $4
+               FROM unnest($10::text[], $7::int[], $11::bytea[], $12::int[], $13::numeric[], $14::numeric[],
+                           $15::numeric[]) AS u(txid, leg, raw, vsize, to_value, change, fee)
+           )
+           UPDATE transfers SET status = 'SIGNED', signed_at = $4 WHERE transfer_id = $3 AND status = 'QUEUED'""",
+        order.chain,
+        order.escrow_address,
+        order.transfer_id,
+        at,
+        [leg.coin.txid for leg in legs],
+        [leg.coin.vout for leg in legs],
+        list(range(len(legs))),
+        [leg.coin.value for leg in legs],
+        [leg.coin.height for leg in legs],
+        [tx.txid for tx in signed],
+        [tx.raw for tx in signed],
+        [tx.vsize for tx in signed],
+        [leg.to_value for leg in legs],
+        [leg.change for leg in legs],
+        [leg.fee for leg in legs],
     )
 
 
@@ -109,14 +123,6 @@ async def add_candidate(
         leg.to_value,
         leg.change,
         leg.fee,
-        at,
-    )
-
-
-async def mark_signed(conn: Connection, transfer_id: str, at: datetime) -> None:
-    await conn.execute(
-        "UPDATE transfers SET status = 'SIGNED', signed_at = $2 WHERE transfer_id = $1 AND status = 'QUEUED'",
-        transfer_id,
         at,
     )
 
