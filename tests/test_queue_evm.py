@@ -637,6 +637,22 @@ async def test_a_report_at_the_threshold_confirms_only_what_the_node_shows_there
     assert [(r["status"], r["confirmations"]) for r in rows] == [("CONFIRMED", confirmed.confirmations)]
 
 
+async def test_a_deposit_that_has_just_reached_the_threshold_is_paid_at_once(harness: Harness) -> None:
+    h = harness
+    # A sweep every 30 s: a payout that waited would wait that long.
+    await h.start_queue(poll_seconds="30")
+    first = await funded_deal(h, "d-tip-0", 15, ETH)
+    await h.command(first, "k-0", TransferPurpose.SWAP_PAYOUT, ETH // 10, first.bob_recipient)
+    await h.mined((await h.first(TransferSubmitted, "k-0")).txid)  # the queue has seen the tip of then
+    await h.mine(3)
+
+    second = await funded_deal(h, "d-tip-1", 16, ETH)  # exactly 2 confirmations, the threshold
+    await h.command(second, "k-1", TransferPurpose.SWAP_PAYOUT, ETH // 2, second.bob_recipient)
+    submitted = await h.first(TransferSubmitted, "k-1", timeout=3.0)
+    await h.mined(submitted.txid)
+    assert await h.eth.balance(second.bob_recipient) == ETH // 2
+
+
 async def test_command_to_broadcast_latency(harness: Harness) -> None:
     h = harness
     queue = await h.start_queue()

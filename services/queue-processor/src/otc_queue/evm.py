@@ -120,9 +120,10 @@ class EvmBackend:
         """What signing each of one sender's transfers needs, read for all of them at once.
 
         The escrow's standing is read at the latest block and at the newest block with the threshold of
-        confirmations. That block is reckoned from the tip this backend last saw, so that one request reads it all;
-        a block older than the one reckoned from the tip read now only counts fewer deposits. Without a tip seen
-        before, or when the node's tip went back since, a second request reads at the block the tip read now gives.
+        confirmations. That block is reckoned from the tip this backend last saw, so that one request reads it all
+        while the tip stays where it was; once the tip has moved, a second request reads at the block the tip read
+        now gives (an older block would not count a deposit that has just reached the threshold, and the payout
+        would wait for the next sweep).
         """
         sender = orders[0].escrow_address
         tokens = sorted({token for order in orders if (token := self._token(order)) is not None})
@@ -152,8 +153,8 @@ class EvmBackend:
         confirmed = confirmed_block(tip, self.chain.confirmations)
         if confirmed < 0:
             return [Wait("the chain is shorter than its confirmation threshold")] * len(orders)
-        if reckoned is not None and 0 <= reckoned <= confirmed:
-            blocks, answers = [tip, reckoned], heads[standing_at:]
+        if reckoned == confirmed:
+            blocks, answers = [tip, confirmed], heads[standing_at:]
         else:
             blocks = [tip, confirmed]
             answers = await self.rpc.batch(self._standing_calls(sender, tokens, [hex(tip), hex(confirmed)]))
