@@ -233,16 +233,19 @@ class Deal:
 
     async def fill(self) -> None:
         for party in ("ALICE", "BOB"):
-            await self.stack.rpc.result(
-                "otc.fillPartyDetails",
-                {
-                    "dealId": self.id,
-                    "party": party,
-                    "token": self.tokens[party],
-                    "paybackAddress": self.payback[party],
-                    "recipientAddress": self.recipient[party],
-                },
-            )
+            await self.fill_one(party)
+
+    async def fill_one(self, party: str) -> None:
+        await self.stack.rpc.result(
+            "otc.fillPartyDetails",
+            {
+                "dealId": self.id,
+                "party": party,
+                "token": self.tokens[party],
+                "paybackAddress": self.payback[party],
+                "recipientAddress": self.recipient[party],
+            },
+        )
 
     async def status(self) -> dict[str, Any]:
         """The deal's status; "temporarily unavailable" (1010, a server restarting) is retried as clients are told."""

@@ -10,8 +10,10 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from otc_cli import contracts
 from tests.conftest import EvmChains
 from tests.e2e import Deal, EvmStack, chains_env, wait_until
 from tests.support import OPERATOR_EVM
@@ -81,6 +83,41 @@ async def test_happy_path_eth_for_usdt_with_surplus_on_both_sides(stack: EvmStac
     )
     assert all(t["status"] == "CONFIRMED" for t in final["transfers"])
     print(f"happy path wall time: {wall:.1f}s")
+
+
+async def test_deposits_made_before_the_details_are_filled_count_once_they_are(stack: EvmStack) -> None:
+    deal = await Deal.create(stack, ("ETH", "ETH", "0.2"), ("POLYGON", "MATIC", "10"))
+    # No instructions are given before the details are in, but the escrows exist: someone who knows one pays in.
+    conn = await asyncpg.connect(stack.env["OTC_DATABASE_URL"])
+    try:
+        sides = {
+            row["party"]: (row["escrow_address"], int(row["owed"]))
+            for row in await conn.fetch(
+                """SELECT party, escrow_address, amount + commission + fee_reserve AS owed FROM engine.deal_sides
+                   WHERE deal_id = $1""",
+                deal.id,
+            )
+        }
+    finally:
+        await conn.close()
+    key = contracts.anvil_account(5).key.hex()
+    for party, rpc in (("ALICE", stack.chains.rpc["ETH"]), ("BOB", stack.chains.rpc["POLYGON"])):
+        await asyncio.to_thread(contracts.send_native, rpc, sides[party][0], sides[party][1], key)
+
+    async def both_locked() -> bool:
+        collection = (await deal.status())["collection"]
+        return all(collection[p]["locked"] for p in ("alice", "bob"))
+
+    async def stage() -> str:
+        return str((await deal.status())["stage"])
+
+    await wait_until(both_locked, True, stack)
+    await deal.fill_one("ALICE")
+    assert await stage() == "CREATED", "one party's details: nothing moves yet"
+    await deal.fill_one("BOB")
+    await deal.wait("CLOSED", outcome="SWAPPED")
+    assert await stack.eth.balance(deal.recipient["BOB"]) == ETH // 5
+    assert await stack.polygon.balance(deal.recipient["ALICE"]) == 10 * ETH
 
 
 async def test_usdt_for_usdt_on_two_chains_both_need_the_tank(stack: EvmStack) -> None:

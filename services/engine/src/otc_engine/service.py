@@ -231,8 +231,11 @@ class Engine:
                 {"party": params.party.value},
                 now,
             )
-            # Filling details changes the sides, not the deal's row: the one locked above is current.
-            await self.advance(conn, params.deal_id, now, deal)
+            if other["filled_at"] is not None:
+                # Both parties' details are in: the deal moves on. (Before that nothing about a CREATED deal depends
+                # on its details: no transition, no transfer, and deposits are taken up as they are seen.) Filling
+                # changes the sides, not the deal's row: the one locked above is current.
+                await self.advance(conn, params.deal_id, now, deal)
         return {"ok": True}
 
     async def cancel_deal(self, params: CancelDealParams) -> dict[str, Any]:
