@@ -50,3 +50,24 @@ async def test_party_details_are_filled_once_and_an_empty_version_decides_nothin
         assert differs is not None and differs["recipient_address"] == "0xget"
         row = await conn.fetchrow("SELECT payback_address, recipient_address FROM deal_parties")
     assert row is not None and tuple(row) == ("0xpay", "0xget")
+
+
+async def test_a_run_of_escrows_stored_together_keeps_the_first_version_of_each(queue_pool: Pool) -> None:
+    async with queue_pool.acquire() as conn:
+        assert await store.add_escrow(conn, escrow("d0", 1, "0xknown")) is None
+        run = [escrow("d1", 7), escrow("d2", 8), escrow("d1", 7), escrow("d3", 9, "0xknown"), escrow("d4", 2, "0xnew")]
+        differing = await store.add_escrows(conn, run)
+        assert [(msg.deal_id, row["deal_id"]) for msg, row in differing] == [("d2", "d1"), ("d3", "d0")]
+        rows = await conn.fetch("SELECT address, deal_id, escrow_index FROM deal_escrows ORDER BY address")
+    assert [tuple(row) for row in rows] == [("0xescrow", "d1", 7), ("0xknown", "d0", 1), ("0xnew", "d4", 2)]
+
+
+async def test_a_run_of_details_stored_together_keeps_the_first_with_addresses(queue_pool: Pool) -> None:
+    async with queue_pool.acquire() as conn:
+        run = [details("", ""), details("0xpay", "0xget"), details("0xpay", "0xelsewhere"), details("", "")]
+        differing = await store.add_parties(conn, run)
+        assert [(msg.recipient_address, row["recipient_address"]) for msg, row in differing] == [
+            ("0xelsewhere", "0xget")
+        ]
+        row = await conn.fetchrow("SELECT payback_address, recipient_address FROM deal_parties")
+    assert row is not None and tuple(row) == ("0xpay", "0xget")

@@ -134,6 +134,9 @@ class RunNotes:
         self.at_server: dict[str, tuple[int, dict[str, int]]] = {}
         #: ...and those transfers, done: (owner row, txid, height, confirmations) by transfer id.
         self.confirmed_utxo: dict[str, tuple[asyncpg.Record, str, int, int]] = {}
+        #: The run's escrows and parties' details, stored together when the run ends.
+        self.escrows: list[EscrowAssigned] = []
+        self.parties: list[PartyDetailsFilled] = []
 
     def wake(self, key: SenderKey, *, sign: bool = False, check: bool = False) -> None:
         self.wakes.append((key, sign, check))
@@ -149,6 +152,8 @@ class RunNotes:
         self.confirmed.clear()
         self.at_server.clear()
         self.confirmed_utxo.clear()
+        self.escrows.clear()
+        self.parties.clear()
 
 
 TouchingHandler = Callable[[Connection, Envelope, Message, RunNotes], Awaitable[None]]
@@ -319,7 +324,9 @@ class Processor:
                 self.backends[chain.id] = backend
             elif chain.kind is ChainKind.UTXO:
                 self.utxo[chain.id] = await self._utxo_payouts(chain)
-        consumers: list[tuple[ConsumerSpec, RunSteps]] = [(DEALS, RunSteps(self.on_deal, self.read_open_senders))]
+        consumers: list[tuple[ConsumerSpec, RunSteps]] = [
+            (DEALS, RunSteps(self.on_deal, self.read_open_senders, self.record_deal_facts))
+        ]
         for chain_id in sorted(self.registry.chains):
             consumers.append((commands_spec(chain_id), RunSteps(self.on_command, finish=self.record_commands)))
             consumers.append(
@@ -693,28 +700,35 @@ class Processor:
             payouts = self.utxo.get(message.chain)
             if payouts is not None:
                 payouts.backend.escrow_address(message.escrow_index)
-            differs = await store.add_escrow(conn, _with_address(message, address))
-            if differs is not None:
-                await self._alert_in(
-                    conn,
-                    "conflicting_deal_event",
-                    f"escrow {address} announced again with different terms; the first stands",
-                    message.chain,
-                    message.deal_id,
-                )
+            notes.escrows.append(_with_address(message, address))
         elif isinstance(message, PartyDetailsFilled):
-            if await store.add_party(conn, message) is not None:
-                await self._alert_in(
-                    conn,
-                    "conflicting_deal_event",
-                    f"{message.party.value} details announced again with different addresses; the first stand",
-                    deal_id=message.deal_id,
-                )
+            notes.parties.append(message)
         else:
             return
         # A command that arrived before this fact waits for it: its sender is woken now.
         for key in notes.open_senders.get(message.deal_id, []):
             notes.wake(key, sign=True)
+
+    async def record_deal_facts(self, conn: Connection, notes: RunNotes) -> None:
+        """Stores a run's escrows and parties' details, a statement for each kind (the first version of each stands;
+        a different later one is alerted, never stored), before the senders they unblock are woken."""
+        if notes.escrows:
+            for msg, _ in await store.add_escrows(conn, notes.escrows):
+                await self._alert_in(
+                    conn,
+                    "conflicting_deal_event",
+                    f"escrow {msg.address} announced again with different terms; the first stands",
+                    msg.chain,
+                    msg.deal_id,
+                )
+        if notes.parties:
+            for party_msg, _ in await store.add_parties(conn, notes.parties):
+                await self._alert_in(
+                    conn,
+                    "conflicting_deal_event",
+                    f"{party_msg.party.value} details announced again with different addresses; the first stand",
+                    deal_id=party_msg.deal_id,
+                )
 
     # ----------------------------------------------------------------- signing
 

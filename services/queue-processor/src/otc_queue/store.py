@@ -19,33 +19,47 @@ from otc_queue.rules import Candidate, EscrowFact, Outflow, PartyFact, TransferO
 
 async def add_escrow(conn: Connection, msg: EscrowAssigned) -> asyncpg.Record | None:
     """Stores the escrow; returns the row already there when it differs (the first one stays)."""
-    # One round trip: the row inserted, or else the one that was there (the insert is not visible to the
-    # statement's own read of the table).
-    row = await conn.fetchrow(
-        """WITH stored AS (
+    differing = await add_escrows(conn, [msg])
+    return differing[0][1] if differing else None
+
+
+async def add_escrows(conn: Connection, msgs: Sequence[EscrowAssigned]) -> list[tuple[EscrowAssigned, asyncpg.Record]]:
+    """Stores a run's escrows with one statement, the first version of each standing; returns the messages that
+    differ from the version that stands, each with it."""
+    rows = await conn.fetch(
+        """WITH incoming AS (
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+                   WITH ORDINALITY AS u(chain, address, deal_id, party, asset, escrow_index, n)
+           ), stored AS (
                INSERT INTO deal_escrows (chain, address, deal_id, party, asset, escrow_index)
-               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (chain, address) DO NOTHING
-               RETURNING deal_id, party, asset, escrow_index
+               SELECT chain, address, deal_id, party, asset, escrow_index FROM incoming ORDER BY n
+               ON CONFLICT (chain, address) DO NOTHING
+               RETURNING chain, address, deal_id, party, asset, escrow_index
            )
            SELECT * FROM stored
            UNION ALL
-           SELECT deal_id, party, asset, escrow_index FROM deal_escrows
-           WHERE chain = $1 AND address = $2 AND NOT EXISTS (SELECT FROM stored)""",
-        msg.chain,
-        msg.address,
-        msg.deal_id,
-        msg.party.value,
-        msg.asset,
-        msg.escrow_index,
+           SELECT e.chain, e.address, e.deal_id, e.party, e.asset, e.escrow_index FROM deal_escrows e
+           WHERE (e.chain, e.address) IN (SELECT chain, address FROM incoming)
+             AND NOT EXISTS (SELECT FROM stored s WHERE s.chain = e.chain AND s.address = e.address)""",
+        [m.chain for m in msgs],
+        [m.address for m in msgs],
+        [m.deal_id for m in msgs],
+        [m.party.value for m in msgs],
+        [m.asset for m in msgs],
+        [m.escrow_index for m in msgs],
     )
-    assert row is not None
-    same = (row["deal_id"], row["party"], row["asset"], row["escrow_index"]) == (
-        msg.deal_id,
-        msg.party.value,
-        msg.asset,
-        msg.escrow_index,
-    )
-    return None if same else row
+    standing = {(row["chain"], row["address"]): row for row in rows}
+    differing = []
+    for msg in msgs:
+        row = standing[(msg.chain, msg.address)]
+        if (row["deal_id"], row["party"], row["asset"], row["escrow_index"]) != (
+            msg.deal_id,
+            msg.party.value,
+            msg.asset,
+            msg.escrow_index,
+        ):
+            differing.append((msg, row))
+    return differing
 
 
 async def add_party(conn: Connection, msg: PartyDetailsFilled) -> asyncpg.Record | None:
@@ -54,29 +68,49 @@ async def add_party(conn: Connection, msg: PartyDetailsFilled) -> asyncpg.Record
     A version without addresses (from a producer older than the fields) decides nothing and is
     completed by the first one that has them.
     """
-    # One round trip, as in add_escrow: the row written, or else the one that stays.
-    row = await conn.fetchrow(
+    differing = await add_parties(conn, [msg])
+    return differing[0][1] if differing else None
+
+
+async def add_parties(
+    conn: Connection, msgs: Sequence[PartyDetailsFilled]
+) -> list[tuple[PartyDetailsFilled, asyncpg.Record]]:
+    """`add_party` for a run of details with one statement: the messages that differ from the version that stands,
+    each with it."""
+    chosen: dict[tuple[str, str], PartyDetailsFilled] = {}
+    for msg in msgs:
+        key = (msg.deal_id, msg.party.value)
+        first = chosen.get(key)
+        if first is None or (first.payback_address, first.recipient_address) == ("", ""):
+            chosen[key] = msg
+    items = list(chosen.values())
+    rows = await conn.fetch(
         """WITH stored AS (
                INSERT INTO deal_parties (deal_id, party, payback_address, recipient_address)
-               VALUES ($1, $2, $3, $4)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
                ON CONFLICT (deal_id, party) DO UPDATE
                    SET payback_address = EXCLUDED.payback_address, recipient_address = EXCLUDED.recipient_address
                    WHERE deal_parties.payback_address = '' AND deal_parties.recipient_address = ''
-               RETURNING payback_address, recipient_address
+               RETURNING deal_id, party, payback_address, recipient_address
            )
            SELECT * FROM stored
            UNION ALL
-           SELECT payback_address, recipient_address FROM deal_parties
-           WHERE deal_id = $1 AND party = $2 AND NOT EXISTS (SELECT FROM stored)""",
-        msg.deal_id,
-        msg.party.value,
-        msg.payback_address,
-        msg.recipient_address,
+           SELECT p.deal_id, p.party, p.payback_address, p.recipient_address FROM deal_parties p
+           WHERE (p.deal_id, p.party) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+             AND NOT EXISTS (SELECT FROM stored s WHERE s.deal_id = p.deal_id AND s.party = p.party)""",
+        [m.deal_id for m in items],
+        [m.party.value for m in items],
+        [m.payback_address for m in items],
+        [m.recipient_address for m in items],
     )
-    assert row is not None
-    incoming = (msg.payback_address, msg.recipient_address)
-    same = incoming in (("", ""), (row["payback_address"], row["recipient_address"]))
-    return None if same else row
+    standing = {(row["deal_id"], row["party"]): row for row in rows}
+    differing = []
+    for msg in msgs:
+        row = standing[(msg.deal_id, msg.party.value)]
+        incoming = (msg.payback_address, msg.recipient_address)
+        if incoming not in (("", ""), (row["payback_address"], row["recipient_address"])):
+            differing.append((msg, row))
+    return differing
 
 
 async def deal_facts(
