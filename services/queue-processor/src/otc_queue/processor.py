@@ -1,15 +1,18 @@
 """The shell around the rules: bus handlers, one worker per sending address, and a periodic sweep.
 
-Handlers only record (a command, a deal's addresses, a hint that a transaction moved) inside the
-inbox transaction and, once it has committed, wake the worker of the sender concerned. A worker
-does a sender's work one step at a time, so a sender's transfers are signed in arrival order and
-its nonces follow each other; different senders' workers run side by side.
+Handlers only record (a command, a deal's addresses, where a transaction stands) inside the inbox
+transaction and, once it has committed, wake the worker of the sender concerned. A worker does a
+sender's work one step at a time, so a sender's transfers are signed in arrival order and its
+nonces follow each other; different senders' workers run side by side.
 
-Signing a transfer: check it against the deal, read the chain, then in one transaction lock the
-sender, take its next nonce, sign, store the candidate and the TransferSubmitted event; only after
-the commit are the stored bytes broadcast. Everything after that (re-broadcasts, fee bumps,
-confirmations) works from the stored candidates and what the chain shows. UTXO chains have no
-nonces: their workers hand both steps to `utxo_flow`, which reserves escrow outputs instead.
+Signing: check a sender's queued transfers against their deals, read the chain, then in one
+transaction lock the sender, take its next nonces, sign, store the candidates and the
+TransferSubmitted events; only after the commit are the stored bytes broadcast. A transaction its
+watcher reports at the threshold is confirmed by the consumer run that gets the report, once the
+node (or Electrum server) shows it there too; everything else after broadcast (re-broadcasts, fee
+bumps, reorged or disputed confirmations) is the worker's, from the stored candidates and what the
+chain shows. UTXO chains have no nonces: their workers hand both steps to `utxo_flow`, which
+reserves escrow outputs instead.
 """
 
 from __future__ import annotations
