@@ -242,6 +242,14 @@ class Harness:
         found: dict[str, Any] = await self.until(probe, what=f"receipt of {txid}")
         return found
 
+    async def facts_known(self, deal_id: str) -> None:
+        """Until the queue has stored the deal's parties: a command before that waits for the next sweep."""
+
+        async def known() -> bool:
+            return len(await self.rows("SELECT 1 FROM deal_parties WHERE deal_id = $1", deal_id)) == 2
+
+        await self.until(known, what=f"the queue knowing deal {deal_id}")
+
     async def rows(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.env["OTC_DATABASE_URL"], server_settings={"search_path": "queue"})
         try:
@@ -616,6 +624,7 @@ async def test_a_report_at_the_threshold_confirms_only_what_the_node_shows_there
     # A sweep every 30 s: what happens below comes from the reports, not from the workers' periodic looks.
     await h.start_queue(poll_seconds="30")
     deal = await funded_deal(h, "d-report", 14, ETH)
+    await h.facts_known(deal.id)
     await h.command(deal, "r-0", TransferPurpose.SWAP_PAYOUT, ETH // 2, deal.bob_recipient)
     submitted = await h.first(TransferSubmitted, "r-0")
     await h.mined(submitted.txid)  # in a block of its own (anvil mines each transaction)
@@ -642,11 +651,13 @@ async def test_a_deposit_that_has_just_reached_the_threshold_is_paid_at_once(har
     # A sweep every 30 s: a payout that waited would wait that long.
     await h.start_queue(poll_seconds="30")
     first = await funded_deal(h, "d-tip-0", 15, ETH)
+    await h.facts_known(first.id)
     await h.command(first, "k-0", TransferPurpose.SWAP_PAYOUT, ETH // 10, first.bob_recipient)
     await h.mined((await h.first(TransferSubmitted, "k-0")).txid)  # the queue has seen the tip of then
     await h.mine(3)
 
     second = await funded_deal(h, "d-tip-1", 16, ETH)  # exactly 2 confirmations, the threshold
+    await h.facts_known(second.id)
     await h.command(second, "k-1", TransferPurpose.SWAP_PAYOUT, ETH // 2, second.bob_recipient)
     submitted = await h.first(TransferSubmitted, "k-1", timeout=3.0)
     await h.mined(submitted.txid)

@@ -250,6 +250,14 @@ class Harness:
     async def mempool(self, txid: str) -> None:
         await self.until(lambda: self.known(txid), what=f"{txid} at the devnet")
 
+    async def facts_known(self, deal_id: str) -> None:
+        """Until the queue has stored the deal's parties: a command before that waits for the next sweep."""
+
+        async def known() -> bool:
+            return len(await self.rows("SELECT 1 FROM deal_parties WHERE deal_id = $1", deal_id)) == 2
+
+        await self.until(known, what=f"the queue knowing deal {deal_id}")
+
     async def rows(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.env["OTC_DATABASE_URL"], server_settings={"search_path": "queue"})
         try:
@@ -572,6 +580,7 @@ async def test_a_report_at_the_threshold_confirms_only_what_the_server_shows_the
     # A slow sweep: what happens below comes from the reports, not from the workers' periodic looks.
     await h.start_queue(poll_seconds="60")
     deal = await funded_deal(h, "u-report", 11, COIN)
+    await h.facts_known(deal.id)
     await h.command(deal, "u-report", TransferPurpose.SWAP_PAYOUT, 30_000_000, deal.bob_recipient)
     submitted = await h.first(TransferSubmitted, "u-report")
     await h.mempool(submitted.txid)
