@@ -411,7 +411,8 @@ async def test_more_than_the_confirmed_deposits_waits_and_is_sent_once_they_conf
 
 async def test_a_command_ahead_of_the_deal_events_waits_for_them(harness: Harness) -> None:
     h = harness
-    await h.start_queue()
+    # A sweep every 30 s: the deal events themselves must wake the payout.
+    await h.start_queue(poll_seconds="30")
     deal = h.new_deal("d-early", 12)
     await h.fund(deal.escrow, ETH)
     await h.mine(1)

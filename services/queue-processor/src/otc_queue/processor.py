@@ -118,8 +118,8 @@ class RunNotes:
         self.wakes: list[tuple[SenderKey, bool, bool]] = []
         #: The candidate each transaction id of the run belongs to, by (chain, txid); None: not one of ours.
         self.owners: dict[SenderKey, asyncpg.Record | None] = {}
-        #: The senders with queued transfers of each deal the run's deal events are about.
-        self.open_senders: dict[str, list[SenderKey]] = {}
+        #: The deals the run's deal events are about: their senders with queued transfers are woken after the commit.
+        self.deals: set[str] = set()
         #: The run's commands, with when each was sent, stored together when the run ends.
         self.commands: list[tuple[PayoutCommand, datetime]] = []
         #: Where transfers stand below the threshold (the latest report of the run each), written at its end.
@@ -147,7 +147,7 @@ class RunNotes:
     def clear(self) -> None:
         self.wakes.clear()
         self.owners.clear()
-        self.open_senders.clear()
+        self.deals.clear()
         self.commands.clear()
         self.standings.clear()
         self.mined.clear()
@@ -215,6 +215,8 @@ class WakingRunner(ConsumerRunner):
     def after_transaction(self) -> None:
         for (chain, sender), sign, check in self._notes.wakes:
             self._processor.wake(chain, sender, sign=sign, check=check)
+        if self._notes.deals:
+            self._processor.wake_senders_of(self._notes.deals)
         self._notes.clear()
 
 
@@ -276,6 +278,8 @@ class Processor:
         self.utxo: dict[str, UtxoPayouts] = {}
         self.facts: dict[str, ChainFacts] = {}
         self.workers: dict[SenderKey, Worker] = {}
+        #: Post-commit wake-ups in flight (kept referenced until done).
+        self._background: set[asyncio.Task[None]] = set()
         #: Senders whose work runs at once. With a thousand, every round trip of a transaction waited for a turn of
         #: an event loop shared by a thousand workers, so transactions held their connection for seconds (p90 1.3-3 s)
         #: and the others waited for it; at 50 (twice the senders' pool) the p90 is 0.2 s. 1,000 deals: 66 s at 50,
@@ -328,7 +332,7 @@ class Processor:
             elif chain.kind is ChainKind.UTXO:
                 self.utxo[chain.id] = await self._utxo_payouts(chain)
         consumers: list[tuple[ConsumerSpec, RunSteps]] = [
-            (DEALS, RunSteps(self.on_deal, self.read_open_senders, self.record_deal_facts))
+            (DEALS, RunSteps(self.on_deal, finish=self.record_deal_facts))
         ]
         for chain_id in sorted(self.registry.chains):
             consumers.append((commands_spec(chain_id), RunSteps(self.on_command, finish=self.record_commands)))
@@ -413,6 +417,24 @@ class Processor:
         if worker is None:
             worker = self.workers[key] = Worker(self, chain, sender)
         worker.poke(sign=sign, check=check)
+
+    def wake_senders_of(self, deal_ids: set[str]) -> None:
+        """Once a run of deal events has committed, wakes the senders with queued transfers of those deals: a command
+        that arrived before its deal's facts waits for them. Read after the commit, so that no command is missed: one
+        stored after this read wakes its own sender, which then finds the facts."""
+        task = asyncio.create_task(self._wake_senders_of(sorted(deal_ids)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _wake_senders_of(self, deal_ids: list[str]) -> None:
+        try:
+            found = await store.open_senders_of_deals(self.pool, deal_ids)
+        except TRANSIENT as exc:
+            log.warning("senders waiting for deal facts left to the sweep: %s", exc)
+            return
+        for senders in found.values():
+            for chain, sender in senders:
+                self.wake(chain, sender, sign=True, check=False)
 
     def retire(self, worker: Worker) -> None:
         if self.workers.get((worker.chain, worker.sender)) is worker:
@@ -680,15 +702,6 @@ class Processor:
             except UNREACHABLE as exc:
                 log.warning("confirmations left to the senders' looks: %s", exc, extra={"chain": chain})
 
-    async def read_open_senders(
-        self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes
-    ) -> None:
-        """The senders a run's deal events may unblock, one statement for the run. (Transfers come from another
-        consumer's commands, so what a run's own events do leaves them as read here.)"""
-        deal_ids = sorted({m.deal_id for _, m in fresh if isinstance(m, EscrowAssigned | PartyDetailsFilled)})
-        if deal_ids:
-            notes.open_senders.update(await store.open_senders_of_deals(conn, deal_ids))
-
     async def on_deal(self, conn: Connection, envelope: Envelope, message: Message, notes: RunNotes) -> None:
         if isinstance(message, EscrowAssigned):
             chain = self.registry.chains.get(message.chain)
@@ -708,9 +721,7 @@ class Processor:
             notes.parties.append(message)
         else:
             return
-        # A command that arrived before this fact waits for it: its sender is woken now.
-        for key in notes.open_senders.get(message.deal_id, []):
-            notes.wake(key, sign=True)
+        notes.deals.add(message.deal_id)
 
     async def record_deal_facts(self, conn: Connection, notes: RunNotes) -> None:
         """Stores a run's escrows and parties' details, a statement for each kind (the first version of each stands;

@@ -148,7 +148,7 @@ async def deal_facts(
     return escrow, parties
 
 
-async def open_senders_of_deals(conn: Connection, deal_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+async def open_senders_of_deals(conn: Connection | Pool, deal_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
     """The senders with queued transfers of each of the deals (deals without any are left out)."""
     rows = await conn.fetch(
         """SELECT DISTINCT deal_id, chain, escrow_address FROM transfers
