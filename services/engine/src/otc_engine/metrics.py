@@ -39,7 +39,7 @@ async def refresh_stage_gauge(pool: Pool, loop: Loop, chains: Iterable[str] = ()
     while True:
         loop.beat()
         try:
-            # `updated_at` changes only with the stage (store.apply_transition), so it is when the deal entered it.
+            # `updated_at` changes only with the stage (store.DealWrites), so it is when the deal entered it.
             rows = await pool.fetch(
                 """SELECT stage, count(*) AS n, extract(epoch FROM now() - min(updated_at)) AS oldest
                    FROM deals GROUP BY stage"""

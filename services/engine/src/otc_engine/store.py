@@ -113,20 +113,6 @@ async def mark_cancelled(conn: Connection, deal_id: str) -> None:
     await conn.execute("UPDATE deals SET cancelled = true WHERE deal_id = $1", deal_id)
 
 
-async def apply_transition(conn: Connection, deal_id: str, t: Transition, now: datetime) -> None:
-    await conn.execute(
-        """UPDATE deals SET stage = $2, outcome = $3, expires_at = $4, remaining_ms = $5, updated_at = $6,
-                  closed_at = CASE WHEN $2 = 'CLOSED' THEN $6 ELSE closed_at END
-           WHERE deal_id = $1""",
-        deal_id,
-        t.stage.value,
-        t.outcome.value if t.outcome else None,
-        t.expires_at,
-        t.remaining_ms,
-        now,
-    )
-
-
 async def add_event(conn: Connection, deal_id: str, type_: str, detail: dict[str, Any], now: datetime) -> None:
     await conn.execute(
         "INSERT INTO deal_events (deal_id, type, detail, at) VALUES ($1, $2, $3::jsonb, $4)",
@@ -392,41 +378,6 @@ async def gas_fundings(conn: Connection, deal_id: str) -> list[asyncpg.Record]:
     return list(await conn.fetch("SELECT * FROM gas_fundings WHERE deal_id = $1", deal_id))
 
 
-async def insert_transfer(
-    conn: Connection,
-    *,
-    transfer_id: str,
-    deal_id: str,
-    party: Party,
-    chain: str,
-    asset: str,
-    escrow_address: str,
-    escrow_index: int,
-    purpose: str,
-    to_address: str,
-    amount: int,
-    fee_from_amount: bool,
-    phase: int,
-) -> None:
-    await conn.execute(
-        """INSERT INTO transfers (transfer_id, deal_id, party, chain, asset, escrow_address, escrow_index, purpose,
-                                  to_address, amount, fee_from_amount, phase)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)""",
-        transfer_id,
-        deal_id,
-        party.value,
-        chain,
-        asset,
-        escrow_address,
-        escrow_index,
-        purpose,
-        to_address,
-        amount,
-        fee_from_amount,
-        phase,
-    )
-
-
 async def planned_transfers(conn: Connection, deal_id: str, halted: set[str]) -> list[asyncpg.Record]:
     rows = await conn.fetch("SELECT * FROM transfers WHERE deal_id = $1 AND status = 'PLANNED'", deal_id)
     return [row for row in rows if row["chain"] not in halted]
@@ -596,12 +547,3 @@ class DealWrites:
                    WHERE transfer_id = ANY($1::text[]) AND status = 'PLANNED'""",
                 self.commanded,
             )
-
-
-async def mark_funded(conn: Connection, deal_id: str, party: Party, now: datetime) -> None:
-    await conn.execute(
-        "UPDATE deal_sides SET funded_at = $3 WHERE deal_id = $1 AND party = $2 AND funded_at IS NULL",
-        deal_id,
-        party.value,
-        now,
-    )

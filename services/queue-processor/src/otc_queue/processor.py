@@ -129,14 +129,12 @@ class RunNotes:
         #: Per chain, the node's tip and the receipts of the run's transactions reported at the threshold, read once
         #: for the run; a chain whose node could not be read is left out.
         self.at_node: dict[str, tuple[int, dict[str, rules.Receipt]]] = {}
-        #: Transfers the node shows at the threshold, recorded as done at the run's end: (owner row, receipt,
-        #: confirmations) by transfer id.
-        self.confirmed: dict[str, tuple[asyncpg.Record, rules.Receipt, int]] = {}
-        #: The same for UTXO chains: per chain, the server's tip and the heights of the transactions in the histories
-        #: of the escrows whose one-transaction transfers the run's reports put at the threshold...
+        #: For UTXO chains: per chain, the server's tip and the heights of the transactions in the histories of the
+        #: escrows whose one-transaction transfers the run's reports put at the threshold.
         self.at_server: dict[str, tuple[int, dict[str, int]]] = {}
-        #: ...and those transfers, done: (owner row, txid, height, confirmations) by transfer id.
-        self.confirmed_utxo: dict[str, tuple[asyncpg.Record, str, int, int]] = {}
+        #: Transfers the node or server shows at the threshold, recorded as done at the run's end: (owner row,
+        #: outcome) by transfer id.
+        self.confirmed: dict[str, tuple[asyncpg.Record, store.Outcome]] = {}
         #: The run's escrows and parties' details, stored together when the run ends.
         self.escrows: list[EscrowAssigned] = []
         self.parties: list[PartyDetailsFilled] = []
@@ -154,7 +152,6 @@ class RunNotes:
         self.at_node.clear()
         self.confirmed.clear()
         self.at_server.clear()
-        self.confirmed_utxo.clear()
         self.escrows.clear()
         self.parties.clear()
 
@@ -567,7 +564,19 @@ class Processor:
         height = at_server[1].get(txid, 0) if at_server is not None else 0
         if reported and at_server is not None and height > 0 and at_server[0] - height + 1 >= threshold:
             # The Electrum server agrees that it is at the threshold: done here, without the worker's look.
-            notes.confirmed_utxo[owner["transfer_id"]] = (owner, txid, height, at_server[0] - height + 1)
+            notes.confirmed[owner["transfer_id"]] = (
+                owner,
+                store.Outcome(
+                    transfer_id=owner["transfer_id"],
+                    txid=txid,
+                    block_number=height,
+                    confirmations=at_server[0] - height + 1,
+                    amount_sent=int(owner["to_value"]),
+                    fee_paid=int(owner["fee"]),
+                    success=True,
+                    reason=None,
+                ),
+            )
             return
         at_node = notes.at_node.get(message.chain)
         receipt = at_node[1].get(txid) if at_node is not None else None
@@ -575,7 +584,20 @@ class Processor:
             confirmations = at_node[0] - receipt.block_number + 1
             if confirmations >= backend.chain.confirmations:
                 # The node agrees that it is at the threshold: done here, without a look of the sender's worker.
-                notes.confirmed[owner["transfer_id"]] = (owner, receipt, confirmations)
+                native = backend.is_native(owner["asset"])
+                notes.confirmed[owner["transfer_id"]] = (
+                    owner,
+                    store.Outcome(
+                        transfer_id=owner["transfer_id"],
+                        txid=receipt.txid,
+                        block_number=receipt.block_number,
+                        confirmations=confirmations,
+                        amount_sent=(int(owner["value"]) if native else int(owner["amount"])) if receipt.success else 0,
+                        fee_paid=receipt.fee,
+                        success=receipt.success,
+                        reason=None if receipt.success else reverted(receipt),
+                    ),
+                )
                 return
         notes.wake((message.chain, owner["escrow_address"]), check=True)
 
@@ -583,8 +605,8 @@ class Processor:
         """Writes what a run of confirmations noted: transfers' standings (each change reported once), then the
         blocks candidates were mined in, then the transfers done. The transfer rows are locked first, in id order and
         all at once, then the candidate rows, as the workers take them, so that a run never deadlocks with a worker."""
-        if notes.standings or notes.confirmed or notes.confirmed_utxo:
-            await store.lock_transfers(conn, [*notes.standings, *notes.confirmed, *notes.confirmed_utxo])
+        if notes.standings or notes.confirmed:
+            await store.lock_transfers(conn, [*notes.standings, *notes.confirmed])
         if notes.standings:
             standings = [standing for standing, _, _, _ in notes.standings.values()]
             changed = await store.set_standings(conn, standings, locked=True)
@@ -608,54 +630,17 @@ class Processor:
             await (utxo_store if chain in self.utxo else store).note_mined_many(conn, mined)
         if notes.confirmed:
             await self._confirm_reported(conn, notes)
-        if notes.confirmed_utxo:
-            await self._confirm_reported_utxo(conn, notes)
-
-    async def _confirm_reported_utxo(self, conn: Connection, notes: RunNotes) -> None:
-        outcomes = [
-            (
-                owner,
-                store.Outcome(
-                    transfer_id=transfer_id,
-                    txid=txid,
-                    block_number=height,
-                    confirmations=confirmations,
-                    amount_sent=int(owner["to_value"]),
-                    fee_paid=int(owner["fee"]),
-                    success=True,
-                    reason=None,
-                ),
-            )
-            for transfer_id, (owner, txid, height, confirmations) in sorted(notes.confirmed_utxo.items())
-        ]
-        done = await store.confirm_many(conn, [outcome for _, outcome in outcomes], locked=True)
-        for owner, outcome in outcomes:
-            if outcome.transfer_id in done:
-                await self._report_outcome(conn, outcome, owner["deal_id"], owner["chain"])
-                self.utxo[owner["chain"]].forget([outcome.txid])
-                self._finished(outcome, owner["deal_id"], owner["chain"], owner["signed_at"], [outcome.txid])
 
     async def _confirm_reported(self, conn: Connection, notes: RunNotes) -> None:
-        outcomes = []
-        for transfer_id, (owner, receipt, confirmations) in sorted(notes.confirmed.items()):
-            backend = self.backends[owner["chain"]]
-            native = backend.is_native(owner["asset"])
-            outcome = store.Outcome(
-                transfer_id=transfer_id,
-                txid=receipt.txid,
-                block_number=receipt.block_number,
-                confirmations=confirmations,
-                amount_sent=(int(owner["value"]) if native else int(owner["amount"])) if receipt.success else 0,
-                fee_paid=receipt.fee,
-                success=receipt.success,
-                reason=None if receipt.success else reverted(receipt),
-            )
-            outcomes.append((owner, outcome))
-        done = await store.confirm_many(conn, [outcome for _, outcome in outcomes], locked=True)
-        for owner, outcome in outcomes:
-            if outcome.transfer_id not in done:
+        confirmed = sorted(notes.confirmed.items())
+        done = await store.confirm_many(conn, [outcome for _, (_, outcome) in confirmed], locked=True)
+        for transfer_id, (owner, outcome) in confirmed:
+            if transfer_id not in done:
                 continue
             await self._report_outcome(conn, outcome, owner["deal_id"], owner["chain"])
+            payouts = self.utxo.get(owner["chain"])
+            if payouts is not None:
+                payouts.forget([outcome.txid])
             self._finished(outcome, owner["deal_id"], owner["chain"], owner["signed_at"], [outcome.txid])
 
     async def read_owners(self, conn: Connection, fresh: Sequence[tuple[Envelope, Message]], notes: RunNotes) -> None:

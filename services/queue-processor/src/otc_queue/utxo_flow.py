@@ -27,7 +27,7 @@ from otc_common import subjects
 from otc_common.addresses import AddressError, validate_utxo_address
 from otc_common.bus import emit
 from otc_common.db import Connection, Pool
-from otc_common.messages import Party, TransferConfirmed, TransferProgress, TransferSubmitted, stable_event_id
+from otc_common.messages import Party, TransferProgress, TransferSubmitted, stable_event_id
 from otc_queue import metrics, rules, store, utxo_rules, utxo_store
 from otc_queue.backend import Sent
 from otc_queue.rules import Allowed, Bump, Candidate, Missing, Rebroadcast, Refused, Wait
@@ -259,59 +259,25 @@ class UtxoPayouts:
             next(c for c in leg.candidates if found is not None and c.txid == found.txid)
             for leg, found in zip(flight.legs, mined, strict=True)
         ]
-        amount_sent = sum(c.to_value for c in chosen)
-        fee_paid = sum(c.fee for c in chosen)
         assert state.txid is not None and state.block_number is not None
+        outcome = store.Outcome(
+            transfer_id=order.transfer_id,
+            txid=state.txid,
+            block_number=state.block_number,
+            confirmations=state.confirmations,
+            amount_sent=sum(c.to_value for c in chosen),
+            fee_paid=sum(c.fee for c in chosen),
+            success=True,
+            reason=None,
+        )
         async with self.pool.acquire() as conn, conn.transaction():
-            done = await store.confirm(
-                conn,
-                store.Outcome(
-                    transfer_id=order.transfer_id,
-                    txid=state.txid,
-                    block_number=state.block_number,
-                    confirmations=state.confirmations,
-                    amount_sent=amount_sent,
-                    fee_paid=fee_paid,
-                    success=True,
-                    reason=None,
-                ),
-            )
-            if not done:
+            if not await store.confirm(conn, outcome):
                 return
             await self._note_mined(conn, flight, mined)
-            await emit(
-                conn,
-                subjects.queue_result(order.chain),
-                TransferConfirmed(
-                    transfer_id=order.transfer_id,
-                    deal_id=order.deal_id,
-                    chain=order.chain,
-                    txid=state.txid,
-                    block_number=state.block_number,
-                    confirmations=state.confirmations,
-                    amount_sent=amount_sent,
-                    fee_paid=fee_paid,
-                ),
-                event_id=stable_event_id("queue", "confirmed", order.transfer_id),
-            )
+            await self.processor._report_outcome(conn, outcome, order.deal_id, order.chain)
         self.forget(flight.txids)
-        first_signed = min(leg.candidates[0].signed_at.timestamp() for leg in flight.legs)
-        metrics.BROADCAST_TO_CONFIRMED.labels(order.chain).observe(max(0.0, time.time() - first_signed))
-        metrics.CONFIRMED.labels(order.chain).inc()
-        log.info(
-            "confirmed",
-            extra={
-                "transfer_id": order.transfer_id,
-                "deal_id": order.deal_id,
-                "chain": order.chain,
-                "txid": state.txid,
-                "txids": [c.txid for c in chosen],
-                "block_number": state.block_number,
-                "amount_sent": amount_sent,
-                "fee_paid": fee_paid,
-                "candidates": len(flight.txids),
-            },
-        )
+        first_signed = min(leg.candidates[0].signed_at for leg in flight.legs)
+        self.processor._finished(outcome, order.deal_id, order.chain, first_signed, flight.txids)
 
     async def _rebroadcast(self, flight: UtxoFlight, leg: StoredLeg, action: Rebroadcast) -> None:
         order = flight.order
